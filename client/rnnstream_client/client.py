@@ -1,0 +1,154 @@
+"""The synchronous client: Client (a channel to one server) and Session (one stateful session)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import grpc
+
+from ._proto.rnnstream.v1 import rnnstream_pb2 as pb
+from ._proto.rnnstream.v1 import rnnstream_pb2_grpc as pb_grpc
+from .errors import RnnstreamError, UnavailableError, from_rpc_error
+from .types import ModelInfo, SessionInfo, StepResult
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT_S = 30.0
+RETRY_BACKOFF_S = (0.05, 0.2, 0.5)
+
+Input = str | Sequence[int]
+
+
+def input_fields(value: Input | None, ids_field: str, text_field: str) -> dict:
+    """Map text to the text field and a sequence of ints to the token-id field."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {text_field: value}
+    if isinstance(value, (bytes, bytearray)):
+        raise TypeError("pass text as str or tokens as a sequence of ints, not bytes")
+    return {ids_field: list(value)}
+
+
+class Client:
+    """A connection to an rnnstream server.
+
+    Every call has a deadline: `timeout` seconds unless the call passes its own.
+    Use it as a context manager or call close().
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=list(options))
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=list(options))
+        self._stub = pb_grpc.RnnStreamStub(self._channel)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: str, request, timeout: float | None):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        reply = self._call("ListModels", pb.ListModelsRequest(), timeout)
+        return [ModelInfo.from_proto(model) for model in reply.models]
+
+    def create_session(
+        self,
+        model: str,
+        *,
+        session_id: str | None = None,
+        ttl_seconds: int = 0,
+        prompt: Input | None = None,
+        top_k: int | None = None,
+        timeout: float | None = None,
+    ) -> "Session":
+        """Open a session on model; its first result (predictions after the prompt) is `session.last`."""
+        request = pb.CreateSessionRequest(
+            model=model,
+            session_id=session_id or "",
+            ttl_seconds=ttl_seconds,
+            top_k=top_k,
+            **input_fields(prompt, "prompt_token_ids", "prompt"),
+        )
+        reply = self._call("CreateSession", request, timeout)
+        session = Session(self, reply.session_id, model=model, position=reply.position)
+        session.last = StepResult.from_proto(reply)
+        return session
+
+    def session(self, session_id: str, *, position: int | None = None) -> "Session":
+        """Attach to an existing session; with no position, the first step does not check it."""
+        return Session(self, session_id, position=position)
+
+
+class Session:
+    """One session. Steps carry the expected position, so a retried step is never applied twice.
+
+    A Session object tracks one position: step it from one thread at a time.
+    """
+
+    def __init__(self, client: Client, session_id: str, *, model: str | None = None, position: int | None = None):
+        self.client = client
+        self.id = session_id
+        self.model = model
+        self.position = position
+        self.last: StepResult | None = None
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.id!r}, model={self.model!r}, position={self.position})"
+
+    def step(self, input: Input, *, top_k: int | None = None, retries: int = 2, timeout: float | None = None) -> StepResult:
+        """Feed text or token ids; return the predictions after them.
+
+        UNAVAILABLE is retried up to `retries` times when the position is known:
+        the server applies a retried step at most once.
+        """
+        request = pb.StepRequest(
+            session_id=self.id,
+            top_k=top_k,
+            expected_position=self.position,
+            **input_fields(input, "token_ids", "text"),
+        )
+        attempts = 1 + (retries if self.position is not None else 0)
+        for attempt in range(attempts):
+            try:
+                reply = self.client._call("Step", request, timeout)
+                break
+            except UnavailableError:
+                if attempt + 1 == attempts:
+                    raise
+                time.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)])
+        result = StepResult.from_proto(reply)
+        self.position = result.position
+        self.last = result
+        return result
+
+    def info(self, *, timeout: float | None = None) -> SessionInfo:
+        info = SessionInfo.from_proto(self.client._call("GetSession", pb.GetSessionRequest(session_id=self.id), timeout))
+        self.model = info.model
+        return info
+
+    def delete(self, *, timeout: float | None = None) -> None:
+        self.client._call("DeleteSession", pb.DeleteSessionRequest(session_id=self.id), timeout)
+
+
+__all__ = ["Client", "Session", "RnnstreamError"]

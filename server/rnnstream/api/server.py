@@ -1,0 +1,164 @@
+"""Assembly of the gRPC server: models, store, schedulers, servicer, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from rnnstream_client._proto.rnnstream.v1 import rnnstream_pb2 as pb
+from rnnstream_client._proto.rnnstream.v1 import rnnstream_pb2_grpc as pb_grpc
+
+from ..config import ServerConfig
+from ..engine.runner import ModelRunner, resolve_device
+from ..engine.scheduler import Scheduler
+from ..engine.sessions import Limits, ServedModel, SessionManager
+from ..errors import StoreUnavailable
+from ..models.bundle import find_bundles, load_bundle
+from ..state.memory import MemoryStore
+from ..state.redis_store import RedisStore
+from ..state.store import SessionStore
+from .servicer import RnnStreamServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RnnStream"].full_name
+HEALTH_INTERVAL_S = 1.0
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class App:
+    server: grpc.aio.Server
+    port: int
+    manager: SessionManager
+    store: SessionStore
+    health: health.aio.HealthServicer
+    config: ServerConfig
+    _monitor: asyncio.Task | None = None
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, give in-flight calls `grace` seconds, then release models and store."""
+        grace = self.config.grace if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._monitor is not None:
+            self._monitor.cancel()
+        await self.server.stop(grace)
+        for model in self.manager.models.values():
+            model.scheduler.stop()
+        self.store.close()
+
+
+def open_store(config: ServerConfig) -> SessionStore:
+    if config.redis_url:
+        return RedisStore(config.redis_url, timeout_s=config.redis_timeout)
+    return MemoryStore()
+
+
+def load_models(config: ServerConfig, store: SessionStore) -> dict[str, ServedModel]:
+    device = resolve_device(config.device)
+    models: dict[str, ServedModel] = {}
+    for path in find_bundles(config.models_dir):
+        bundle = load_bundle(path)
+        if bundle.name in models:
+            raise ValueError(f"two bundles in {config.models_dir} are named {bundle.name!r}; names must be unique")
+        runner = ModelRunner(bundle, device)
+        scheduler = Scheduler(bundle.name, runner, store, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000)
+        models[bundle.name] = ServedModel(bundle, runner, scheduler)
+    if not models:
+        raise ValueError(f"no model bundles found in {config.models_dir}")
+    return models
+
+
+def listen_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _watch_store(app: App) -> None:
+    """Report NOT_SERVING while the store does not answer, SERVING once it does."""
+    serving = None
+    while True:
+        try:
+            await asyncio.to_thread(app.store.ping)
+            healthy = True
+        except StoreUnavailable as error:
+            healthy = False
+            if serving is not False:
+                logger.error("session store unavailable, reporting NOT_SERVING: %s", error)
+        if healthy and serving is False:
+            logger.info("session store reachable again, reporting SERVING")
+        if healthy != serving:
+            status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+            await app.health.set("", status)
+            await app.health.set(SERVICE_NAME, status)
+            serving = healthy
+        await asyncio.sleep(HEALTH_INTERVAL_S)
+
+
+async def build_server(config: ServerConfig) -> App:
+    """Load models, open the store, and start a gRPC server; return it with its bound port."""
+    store = open_store(config)
+    models = load_models(config, store)
+    limits = Limits(
+        max_input_tokens=config.max_input_tokens,
+        default_ttl_s=config.default_ttl,
+        max_ttl_s=config.max_ttl,
+    )
+    manager = SessionManager(models, store, limits)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_RnnStreamServicer_to_server(RnnStreamServicer(manager), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = listen_address(config.host, config.port)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not listen on {address}")
+    await server.start()
+
+    app = App(server=server, port=port, manager=manager, store=store, health=health_servicer, config=config)
+    app._monitor = asyncio.create_task(_watch_store(app))
+    return app
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run the server until SIGTERM or SIGINT, then drain in-flight calls within the grace period."""
+    app = await build_server(config)
+    for model in app.manager.models.values():
+        logger.info(
+            "model %s: %s, %d layers x %d hidden, %d parameters, %d state bytes per session, on %s",
+            model.name, model.bundle.config.architecture, model.bundle.config.num_layers,
+            model.bundle.config.hidden_size, model.bundle.model.num_parameters(), model.runner.state_nbytes,
+            model.runner.device,
+        )
+    logger.info("session store: %s", app.store.description)
+    if isinstance(app.store, MemoryStore):
+        logger.warning("no --redis-url set: sessions live in this process only and are lost on restart")
+    logger.info(
+        "limits: max batch %d, max wait %.1f ms, max input %d tokens, TTL %d s (max %d s)",
+        config.max_batch, config.max_wait_ms, config.max_input_tokens, config.default_ttl, config.max_ttl,
+    )
+    logger.info("serving on %s (port %d)", listen_address(config.host, app.port), app.port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    logger.info("stopping: draining in-flight calls for up to %.1f s", config.grace)
+    await app.stop()
+    logger.info("stopped")

@@ -1,0 +1,180 @@
+"""The rnnstream command: serve, train, complete."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("rnnstream")
+
+
+def add_train_parser(commands) -> None:
+    parser = commands.add_parser("train", help="train an LSTM or GRU language model and write a bundle")
+    parser.add_argument("corpus", type=Path, help="text file, or directory of text files, to train on")
+    parser.add_argument("--output", "-o", type=Path, required=True, help="bundle directory to write")
+    parser.add_argument("--arch", choices=("lstm", "gru"), default="lstm", help="recurrent architecture")
+    parser.add_argument("--name", help="model name (default: the output directory's name)")
+    parser.add_argument("--embedding-size", type=int, default=128)
+    parser.add_argument("--hidden-size", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=2, help="number of recurrent layers")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout between layers while training")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=128, help="training window length in tokens")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="training time budget in minutes (default 10)")
+    budget.add_argument("--steps", type=int, help="number of optimizer steps instead of a time budget")
+    parser.add_argument("--holdout", type=float, default=0.02, help="fraction of each file held out for scoring")
+    parser.add_argument("--bf16", action="store_true", help="use bfloat16 autocast on the CPU (faster, same loss)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .training import TrainOptions, train
+
+    options = TrainOptions(
+        corpus=args.corpus,
+        output=args.output,
+        architecture=args.arch,
+        name=args.name,
+        embedding_size=args.embedding_size,
+        hidden_size=args.hidden_size,
+        num_layers=args.layers,
+        dropout=args.dropout,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        learning_rate=args.lr,
+        minutes=args.minutes if args.steps is None and args.minutes is not None else (None if args.steps else 10.0),
+        steps=args.steps,
+        holdout_fraction=args.holdout,
+        bf16=args.bf16,
+        threads=args.threads,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    record = train(options)
+    print(
+        f"wrote {args.output}: held-out {record['holdout_bits_per_char']:.3f} bits per character, "
+        f"unigram {record['unigram_bits_per_char']:.3f}, {record['parameters']:,} parameters"
+    )
+    return 0
+
+
+def add_serve_parser(commands) -> None:
+    from .config import add_server_options
+
+    parser = commands.add_parser(
+        "serve",
+        help="serve the model bundles in a directory over gRPC",
+        description="Serve every model bundle in a directory over gRPC. Each option can also be set "
+        "by the RNNSTREAM_* environment variable in brackets; a flag wins over the variable.",
+    )
+    add_server_options(parser)
+    parser.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .config import resolve_config
+    from .logs import configure_logging
+
+    try:
+        config = resolve_config(args)
+    except ValueError as error:
+        print(f"rnnstream serve: {error}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_format)
+    from .api.server import serve
+
+    try:
+        asyncio.run(serve(config))
+    except (ValueError, OSError) as error:
+        logger.error("cannot start: %s", error)
+        return 1
+    return 0
+
+
+def add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target", default=None, help="server address host:port (default 127.0.0.1:50051) [RNNSTREAM_TARGET]"
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call in seconds (default 30)")
+
+
+def client_target(args: argparse.Namespace) -> str:
+    import os
+
+    return args.target or os.environ.get("RNNSTREAM_TARGET") or "127.0.0.1:50051"
+
+
+def _non_empty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("text is empty")
+    return text
+
+
+def add_complete_parser(commands) -> None:
+    parser = commands.add_parser(
+        "complete", help="open a session, send text, and print the most likely next tokens"
+    )
+    parser.add_argument("text", type=_non_empty, help="text to send")
+    parser.add_argument("--model", "-m", help="model name (default: the first model the server lists)")
+    parser.add_argument("--top-k", type=int, default=5, help="number of next tokens to print (default 5)")
+    parser.add_argument("--chunk", type=int, default=0, help="send the text in steps of this many characters")
+    add_client_options(parser)
+    parser.set_defaults(handler=run_complete)
+
+
+def run_complete(args: argparse.Namespace) -> int:
+    import math
+
+    from rnnstream_client import Client, RnnstreamError
+
+    try:
+        with Client(client_target(args), timeout=args.timeout) as client:
+            model = args.model or client.list_models()[0].name
+            session = client.create_session(model)
+            chunk = args.chunk if args.chunk > 0 else len(args.text)
+            logprob_sum = 0.0
+            for start in range(0, len(args.text), chunk):
+                result = session.step(args.text[start : start + chunk], top_k=args.top_k)
+                logprob_sum += sum(result.input_logprobs)
+            session.delete()
+    except RnnstreamError as error:
+        print(f"rnnstream complete: {error}", file=sys.stderr)
+        return 1
+    bits = -logprob_sum / math.log(2)
+    print(f"model {model}, session {session.id}, position {result.position}")
+    print(f"text scored {bits:.1f} bits ({bits / len(args.text):.2f} bits per character)")
+    for prediction in result.next_tokens:
+        print(f"{math.exp(prediction.logprob):8.4f}  {prediction.token_id:5d}  {prediction.token_bytes!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rnnstream", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(commands)
+    add_complete_parser(commands)
+    add_train_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        from .logs import configure_logging
+
+        configure_logging("info")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The inference engine: batched model steps, per-model schedulers and session operations."""

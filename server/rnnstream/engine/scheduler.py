@@ -1,0 +1,271 @@
+"""Per-model step scheduler: gathers steps of different sessions into one forward pass.
+
+One thread per model repeats: take up to max_batch queued steps (at most one
+per session, so steps of one session apply in arrival order), load their
+states in one pipelined store round trip, run one batched model step, write
+the new states back in one round trip with a compare-and-set on each
+session's position, and resolve each step's future. A step whose write loses
+a race with another replica is queued again from the newly stored state.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    PositionMismatch,
+    RnnstreamError,
+    StoreUnavailable,
+    WrongModel,
+)
+from ..state.record import SaveStatus, SessionRecord
+from ..state.store import SessionStore, now_ms
+from .runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+MAX_CONFLICT_RETRIES = 16
+
+
+@dataclass
+class StepWork:
+    """One queued step of one session."""
+
+    session_id: str
+    tokens: list[int]
+    future: concurrent.futures.Future
+    expected_position: int | None = None
+    reply_tag: str = ""
+    new_record: SessionRecord | None = None  # set when the step creates the session (a prompt)
+    conflicts: int = 0
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class StepResult:
+    record: SessionRecord  # the session after the step
+    input_logprobs: list[float]
+    next_logprobs: torch.Tensor  # (V,) float32
+    replayed: bool = False  # True when a retried step was answered from the stored reply
+
+
+def encode_reply(input_logprobs: list[float], next_logprobs: torch.Tensor) -> bytes:
+    """Pack a reply as uint32 n, n float64 input log-probs, then V float32 next-token log-probs (little-endian)."""
+    return (
+        struct.pack(f"<I{len(input_logprobs)}d", len(input_logprobs), *input_logprobs)
+        + next_logprobs.numpy().astype("<f4").tobytes()
+    )
+
+
+def decode_reply(data: bytes) -> tuple[list[float], torch.Tensor]:
+    (count,) = struct.unpack_from("<I", data)
+    input_logprobs = list(struct.unpack_from(f"<{count}d", data, 4))
+    next_logprobs = torch.frombuffer(bytearray(data[4 + 8 * count :]), dtype=torch.float32)
+    return input_logprobs, next_logprobs
+
+
+class Scheduler:
+    def __init__(
+        self,
+        name: str,
+        runner: ModelRunner,
+        store: SessionStore,
+        max_batch: int = 64,
+        max_wait_s: float = 0.002,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"invalid max batch {max_batch}; must be at least 1")
+        self.name = name
+        self.runner = runner
+        self.store = store
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._pending: collections.deque[StepWork] = collections.deque()
+        self._cond = threading.Condition()
+        self._running = True
+        self._mean_batch = 1.0
+        self._thread = threading.Thread(target=self._loop, name=f"scheduler-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, work: StepWork) -> concurrent.futures.Future:
+        with self._cond:
+            if not self._running:
+                raise StoreUnavailable(f"model {self.name} is shutting down")
+            self._pending.append(work)
+            self._cond.notify()
+        return work.future
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _take_batch(self) -> list[StepWork]:
+        with self._cond:
+            while not self._pending and self._running:
+                self._cond.wait()
+            if not self._running:
+                return []
+            # Wait briefly for a batch as large as recent ones; a lone client's mean is ~1, so it never waits.
+            target = min(self.max_batch, int(self._mean_batch + 0.5))
+            if self.max_wait_s > 0 and len(self._pending) < target:
+                self._cond.wait_for(lambda: len(self._pending) >= target, timeout=self.max_wait_s)
+            batch, deferred, sessions = [], [], set()
+            while self._pending and len(batch) < self.max_batch:
+                work = self._pending.popleft()
+                if work.session_id in sessions:
+                    deferred.append(work)
+                elif work.future.set_running_or_notify_cancel():
+                    sessions.add(work.session_id)
+                    batch.append(work)
+            self._pending.extendleft(reversed(deferred))
+        self._mean_batch = 0.9 * self._mean_batch + 0.1 * max(len(batch), 1)
+        return batch
+
+    def _loop(self) -> None:
+        while self._running:
+            batch = self._take_batch()
+            if not batch:
+                continue
+            try:
+                self._execute(batch)
+            except Exception as error:  # noqa: BLE001 - the loop must survive any one batch
+                logger.exception("batch of %d steps for model %s failed", len(batch), self.name)
+                for work in batch:
+                    if not work.future.done():
+                        work.future.set_exception(error)
+        with self._cond:
+            for work in self._pending:
+                if work.future.set_running_or_notify_cancel():
+                    work.future.set_exception(StoreUnavailable(f"model {self.name} is shutting down"))
+            self._pending.clear()
+
+    def _execute(self, batch: list[StepWork]) -> None:
+        loaded = [work for work in batch if work.new_record is None]
+        try:
+            records = self.store.load_many([work.session_id for work in loaded]) if loaded else []
+        except StoreUnavailable as error:
+            for work in batch:
+                work.future.set_exception(error)
+            return
+        by_work = dict(zip(map(id, loaded), records))
+
+        runnable: list[tuple[StepWork, SessionRecord]] = []
+        for work in batch:
+            record = work.new_record if work.new_record is not None else by_work[id(work)]
+            try:
+                if self._check(work, record):
+                    runnable.append((work, record))
+            except RnnstreamError as error:
+                work.future.set_exception(error)
+        if not runnable:
+            return
+
+        outputs = self.runner.step([work.tokens for work, _ in runnable], [record.state for _, record in runnable])
+
+        timestamp = now_ms()
+        updates, created = [], []
+        for (work, record), output in zip(runnable, outputs):
+            reply = encode_reply(output.input_logprobs, output.next_logprobs) if work.reply_tag else b""
+            new = record.advanced(len(work.tokens), output.state, timestamp, work.reply_tag, reply)
+            (created if work.new_record is not None else updates).append((work, record, new, output))
+
+        try:
+            results = self.store.save_many([(new, record.position) for _, record, new, _ in updates]) if updates else []
+            inserted = [self.store.create(new) for _, _, new, _ in created]
+        except StoreUnavailable as error:
+            # NOTE: a write that timed out may still have been applied; a retry that carries
+            # expected_position finds out from the stored reply tag without applying twice.
+            for work, _, _, _ in updates + created:
+                if not work.future.done():
+                    work.future.set_exception(error)
+            return
+
+        for (work, _, new, output), result in zip(updates, results):
+            if result.status is SaveStatus.SAVED:
+                work.future.set_result(StepResult(new, output.input_logprobs, output.next_logprobs))
+            elif result.status is SaveStatus.MISSING:
+                work.future.set_exception(NotFound(f"session {work.session_id} was deleted or expired during the step"))
+            else:
+                self._requeue_conflict(work)
+        for (work, _, new, output), ok in zip(created, inserted):
+            if ok:
+                work.future.set_result(StepResult(new, output.input_logprobs, output.next_logprobs))
+            else:
+                work.future.set_exception(_already_exists(work.session_id))
+
+    def _check(self, work: StepWork, record: SessionRecord | None) -> bool:
+        """Validate a loaded session for work; return False when work was answered without a model step."""
+        if record is None:
+            raise NotFound(f"session {work.session_id} not found (it may have expired or been deleted)")
+        if record.model != self.name:
+            raise WrongModel(work.session_id, record.model)
+        if record.fingerprint != self.runner.bundle.fingerprint:
+            raise FailedPrecondition(
+                f"session {work.session_id} holds state of model {record.model} (fingerprint "
+                f"{record.fingerprint}), not of model {self.name} (fingerprint {self.runner.bundle.fingerprint})"
+            )
+        if tuple(record.shape) != self.runner.state_shape or len(record.state) != self.runner.state_nbytes:
+            raise FailedPrecondition(
+                f"session {work.session_id} state has shape {record.shape} and {len(record.state)} bytes; "
+                f"model {self.name} expects shape {self.runner.state_shape} and {self.runner.state_nbytes} bytes"
+            )
+        expected = work.expected_position
+        if expected is None or record.position == expected:
+            return True
+        if work.reply_tag and record.reply_tag == work.reply_tag and record.position == expected + len(work.tokens):
+            input_logprobs, next_logprobs = decode_reply(record.reply)
+            work.future.set_result(StepResult(record, input_logprobs, next_logprobs, replayed=True))
+            return False
+        raise PositionMismatch(work.session_id, expected, record.position)
+
+    def _requeue_conflict(self, work: StepWork) -> None:
+        work.conflicts += 1
+        if work.conflicts > MAX_CONFLICT_RETRIES:
+            work.future.set_exception(
+                PositionMismatch(work.session_id, work.expected_position or -1, -1)
+                if work.expected_position is not None
+                else StoreUnavailable(f"session {work.session_id} is contended; gave up after {work.conflicts} tries")
+            )
+            return
+        logger.debug("session %s changed during its step; retrying", work.session_id)
+        retry = StepWork(
+            session_id=work.session_id,
+            tokens=work.tokens,
+            future=concurrent.futures.Future(),
+            expected_position=work.expected_position,
+            reply_tag=work.reply_tag,
+            conflicts=work.conflicts,
+        )
+        retry.future.add_done_callback(lambda done: _forward(done, work.future))
+        with self._cond:
+            self._pending.appendleft(retry)
+            self._cond.notify()
+
+
+def _forward(source: concurrent.futures.Future, target: concurrent.futures.Future) -> None:
+    error = source.exception()
+    if error is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
+
+
+def _already_exists(session_id: str) -> AlreadyExists:
+    return AlreadyExists(f"session {session_id} already exists; choose another id or omit it")

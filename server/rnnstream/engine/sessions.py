@@ -1,0 +1,232 @@
+"""Session operations: validate inputs, route steps to the session's model scheduler.
+
+Steps are routed by a cache of session id -> model name, so a step costs no
+extra store round trip; a stale entry (a session deleted and re-created for
+another model) is detected by the scheduler and the step is routed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import re
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import AlreadyExists, InvalidArgument, NotFound, WrongModel
+from ..models.bundle import Bundle
+from ..state.codec import zero_state
+from ..state.record import SessionRecord
+from ..state.store import SessionStore, now_ms
+from .runner import ModelRunner
+from .scheduler import Scheduler, StepResult, StepWork
+
+logger = logging.getLogger(__name__)
+
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+ROUTE_CACHE_SIZE = 100_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_input_tokens: int = 8192
+    default_top_k: int = 5
+    default_ttl_s: int = 3600
+    max_ttl_s: int = 7 * 24 * 3600
+
+
+@dataclass
+class ServedModel:
+    bundle: Bundle
+    runner: ModelRunner
+    scheduler: Scheduler
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(16)  # 128 random bits
+
+
+def request_tag(expected_position: int, tokens: list[int]) -> str:
+    """Identify a step by its expected position and tokens, so a retry can be recognised."""
+    digest = hashlib.blake2b(repr(tokens).encode(), digest_size=8).hexdigest()
+    return f"{expected_position}:{digest}"
+
+
+class SessionManager:
+    def __init__(self, models: dict[str, ServedModel], store: SessionStore, limits: Limits) -> None:
+        self.models = models
+        self.store = store
+        self.limits = limits
+        self._routes: OrderedDict[str, str] = OrderedDict()
+
+    # -- validation -------------------------------------------------------
+
+    def model(self, name: str) -> ServedModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise NotFound(f"model {name!r} not found; served models: {known}") from None
+
+    def check_session_id(self, session_id: str, field: str = "session_id") -> str:
+        if not SESSION_ID_PATTERN.fullmatch(session_id):
+            raise InvalidArgument(
+                f"invalid {field} {session_id[:140]!r}: use 1 to 128 characters from A-Z a-z 0-9 . _ : -"
+            )
+        return session_id
+
+    def check_ttl(self, ttl_s: int) -> int:
+        if ttl_s == 0:
+            return self.limits.default_ttl_s
+        if ttl_s > self.limits.max_ttl_s:
+            raise InvalidArgument(f"ttl_seconds {ttl_s} exceeds the maximum of {self.limits.max_ttl_s}")
+        return ttl_s
+
+    def check_top_k(self, model: ServedModel, top_k: int | None) -> int:
+        if top_k is None:
+            return min(self.limits.default_top_k, model.bundle.config.vocab_size)
+        if top_k > model.bundle.config.vocab_size:
+            raise InvalidArgument(
+                f"top_k {top_k} is out of range; model {model.name} allows 0 to {model.bundle.config.vocab_size}"
+            )
+        return top_k
+
+    def encode_input(
+        self, model: ServedModel, token_ids: list[int], text: str | None, field: str = "input", required: bool = True
+    ) -> list[int]:
+        """Return the tokens of an input given as ids or text; both, neither (when required) or empty is invalid."""
+        if token_ids and text is not None:
+            raise InvalidArgument(f"{field}: give token ids or text, not both")
+        if text is not None:
+            if text == "":
+                raise InvalidArgument(f"{field}: text is empty")
+            tokens = model.bundle.tokenizer.encode(text)
+        elif token_ids:
+            tokens = list(token_ids)
+            vocab = model.bundle.config.vocab_size
+            for index, token in enumerate(tokens):
+                if token >= vocab:
+                    raise InvalidArgument(
+                        f"{field}: token id {token} at index {index} is outside the vocabulary of model "
+                        f"{model.name} (0 to {vocab - 1})"
+                    )
+        elif required:
+            raise InvalidArgument(f"{field}: missing; give token ids or text")
+        else:
+            return []
+        if len(tokens) > self.limits.max_input_tokens:
+            raise InvalidArgument(
+                f"{field}: {len(tokens)} tokens exceeds the maximum of {self.limits.max_input_tokens} per request"
+            )
+        return tokens
+
+    # -- routing ------------------------------------------------------------
+
+    def _remember(self, session_id: str, model: str) -> None:
+        self._routes[session_id] = model
+        self._routes.move_to_end(session_id)
+        if len(self._routes) > ROUTE_CACHE_SIZE:
+            self._routes.popitem(last=False)
+
+    async def model_of(self, session_id: str) -> ServedModel:
+        name = self._routes.get(session_id)
+        if name is None:
+            record = await asyncio.to_thread(self.store.load, session_id)
+            if record is None:
+                raise NotFound(f"session {session_id} not found (it may have expired or been deleted)")
+            name = record.model
+            self._remember(session_id, name)
+        return self.model(name)
+
+    def forget(self, session_id: str) -> None:
+        self._routes.pop(session_id, None)
+
+    # -- operations ---------------------------------------------------------
+
+    def new_record(self, model: ServedModel, session_id: str, ttl_s: int) -> SessionRecord:
+        timestamp = now_ms()
+        return SessionRecord(
+            session_id=session_id,
+            model=model.name,
+            fingerprint=model.bundle.fingerprint,
+            position=0,
+            created_ms=timestamp,
+            updated_ms=timestamp,
+            ttl_s=ttl_s,
+            shape=model.runner.state_shape,
+            state=zero_state(model.runner.state_shape),
+        )
+
+    async def create(
+        self, model_name: str, session_id: str, ttl_s: int, prompt: list[int]
+    ) -> tuple[SessionRecord, StepResult | None]:
+        """Create a session, feeding the prompt first if there is one.
+
+        With a prompt, the session is written once, after the prompt's step, so a
+        failed prompt leaves no session behind.
+        """
+        model = self.model(model_name)
+        record = self.new_record(model, session_id, ttl_s)
+        if prompt:
+            work = StepWork(session_id, prompt, concurrent.futures.Future(), new_record=record)
+            result = await asyncio.wrap_future(model.scheduler.submit(work))
+            self._remember(session_id, model.name)
+            return result.record, result
+        if not await asyncio.to_thread(self.store.create, record):
+            raise AlreadyExists(f"session {session_id} already exists; choose another id or omit it")
+        self._remember(session_id, model.name)
+        return record, None
+
+    async def step(
+        self,
+        session_id: str,
+        token_ids: list[int],
+        text: str | None,
+        expected_position: int | None,
+        field: str = "input",
+    ) -> tuple[ServedModel, list[int], StepResult]:
+        """Feed an input to a session; return its model, the input tokens and the step result."""
+        for _ in range(2):
+            model = await self.model_of(session_id)
+            tokens = self.encode_input(model, token_ids, text, field)
+            tag = request_tag(expected_position, tokens) if expected_position is not None else ""
+            work = StepWork(session_id, tokens, concurrent.futures.Future(), expected_position, tag)
+            try:
+                result = await asyncio.wrap_future(model.scheduler.submit(work))
+            except WrongModel as error:
+                logger.debug("session %s moved to model %s; routing again", session_id, error.model)
+                self._remember(session_id, error.model)
+                continue
+            except NotFound:
+                self.forget(session_id)
+                raise
+            return model, tokens, result
+        raise NotFound(f"session {session_id} not found (it changed model while being stepped)")
+
+    async def get(self, session_id: str) -> SessionRecord:
+        record = await asyncio.to_thread(self.store.load, session_id)
+        if record is None:
+            self.forget(session_id)
+            raise NotFound(f"session {session_id} not found (it may have expired or been deleted)")
+        return record
+
+    async def delete(self, session_id: str) -> None:
+        self.forget(session_id)
+        if not await asyncio.to_thread(self.store.delete, session_id):
+            raise NotFound(f"session {session_id} not found (it may have expired or been deleted)")
+
+
+def top_k_of(next_logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    if k == 0:
+        return []
+    values, indices = torch.topk(next_logprobs, k)
+    return list(zip(indices.tolist(), values.double().tolist()))

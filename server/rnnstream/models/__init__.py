@@ -1,0 +1,1 @@
+"""Recurrent language models, their tokenizers and on-disk bundles."""
