@@ -14,6 +14,7 @@ from rnnstream_client._proto.rnnstream.v1 import rnnstream_pb2 as pb
 from rnnstream_client._proto.rnnstream.v1 import rnnstream_pb2_grpc as pb_grpc
 
 from ..config import ServerConfig
+from ..engine.observer import EngineObserver
 from ..engine.runner import ModelRunner, resolve_device
 from ..engine.scheduler import Scheduler
 from ..engine.sessions import Limits, ServedModel, SessionManager
@@ -59,7 +60,7 @@ def open_store(config: ServerConfig) -> SessionStore:
     return MemoryStore()
 
 
-def load_models(config: ServerConfig, store: SessionStore) -> dict[str, ServedModel]:
+def load_models(config: ServerConfig, store: SessionStore, observer: EngineObserver) -> dict[str, ServedModel]:
     device = resolve_device(config.device)
     models: dict[str, ServedModel] = {}
     for path in find_bundles(config.models_dir):
@@ -67,7 +68,14 @@ def load_models(config: ServerConfig, store: SessionStore) -> dict[str, ServedMo
         if bundle.name in models:
             raise ValueError(f"two bundles in {config.models_dir} are named {bundle.name!r}; names must be unique")
         runner = ModelRunner(bundle, device)
-        scheduler = Scheduler(bundle.name, runner, store, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1000)
+        scheduler = Scheduler(
+            bundle.name,
+            runner,
+            store,
+            max_batch=config.max_batch,
+            max_wait_s=config.max_wait_ms / 1000,
+            observer=observer,
+        )
         models[bundle.name] = ServedModel(bundle, runner, scheduler)
     if not models:
         raise ValueError(f"no model bundles found in {config.models_dir}")
@@ -99,16 +107,17 @@ async def _watch_store(app: App) -> None:
         await asyncio.sleep(HEALTH_INTERVAL_S)
 
 
-async def build_server(config: ServerConfig) -> App:
+async def build_server(config: ServerConfig, observer: EngineObserver | None = None) -> App:
     """Load models, open the store, and start a gRPC server; return it with its bound port."""
+    observer = observer or EngineObserver()
     store = open_store(config)
-    models = load_models(config, store)
+    models = load_models(config, store, observer)
     limits = Limits(
         max_input_tokens=config.max_input_tokens,
         default_ttl_s=config.default_ttl,
         max_ttl_s=config.max_ttl,
     )
-    manager = SessionManager(models, store, limits)
+    manager = SessionManager(models, store, limits, observer)
 
     server = grpc.aio.server(
         options=[

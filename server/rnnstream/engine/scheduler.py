@@ -31,6 +31,7 @@ from ..errors import (
 )
 from ..state.record import SaveStatus, SessionRecord
 from ..state.store import SessionStore, now_ms
+from .observer import BatchStats, EngineObserver
 from .runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class Scheduler:
         store: SessionStore,
         max_batch: int = 64,
         max_wait_s: float = 0.002,
+        observer: EngineObserver | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"invalid max batch {max_batch}; must be at least 1")
@@ -91,6 +93,9 @@ class Scheduler:
         self.store = store
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.observer = observer or EngineObserver()
+        config = runner.bundle.config
+        self._labels = (name, config.architecture, str(runner.device))
         self._pending: collections.deque[StepWork] = collections.deque()
         self._cond = threading.Condition()
         self._running = True
@@ -157,6 +162,8 @@ class Scheduler:
             self._pending.clear()
 
     def _execute(self, batch: list[StepWork]) -> None:
+        started = time.monotonic()
+        self.observer.queue_depth(*self._labels, len(self._pending))
         loaded = [work for work in batch if work.new_record is None]
         try:
             records = self.store.load_many([work.session_id for work in loaded]) if loaded else []
@@ -176,8 +183,10 @@ class Scheduler:
                 work.future.set_exception(error)
         if not runnable:
             return
+        loaded_at = time.monotonic()
 
         outputs = self.runner.step([work.tokens for work, _ in runnable], [record.state for _, record in runnable])
+        computed_at = time.monotonic()
 
         timestamp = now_ms()
         updates, created = [], []
@@ -196,6 +205,22 @@ class Scheduler:
                 if not work.future.done():
                     work.future.set_exception(error)
             return
+
+        stored_at = time.monotonic()
+        self.observer.batch_done(
+            BatchStats(
+                *self._labels,
+                size=len(runnable),
+                tokens=sum(len(work.tokens) for work, _ in runnable),
+                request_tokens=[len(work.tokens) for work, _ in runnable],
+                queue_wait_s=[started - work.enqueued_at for work, _ in runnable],
+                load_s=loaded_at - started,
+                compute_s=computed_at - loaded_at,
+                store_s=stored_at - computed_at,
+                bytes_read=sum(len(record.state) for work, record in runnable if work.new_record is None),
+                bytes_written=sum(len(new.state) for _, _, new, _ in updates + created),
+            )
+        )
 
         for (work, _, new, output), result in zip(updates, results):
             if result.status is SaveStatus.SAVED:

@@ -23,6 +23,7 @@ from ..models.bundle import Bundle
 from ..state.codec import zero_state
 from ..state.record import SessionRecord
 from ..state.store import SessionStore, now_ms
+from .observer import EngineObserver
 from .runner import ModelRunner
 from .scheduler import Scheduler, StepResult, StepWork
 
@@ -50,6 +51,10 @@ class ServedModel:
     def name(self) -> str:
         return self.bundle.name
 
+    @property
+    def architecture(self) -> str:
+        return self.bundle.config.architecture
+
 
 def new_session_id() -> str:
     return secrets.token_hex(16)  # 128 random bits
@@ -62,10 +67,17 @@ def request_tag(expected_position: int, tokens: list[int]) -> str:
 
 
 class SessionManager:
-    def __init__(self, models: dict[str, ServedModel], store: SessionStore, limits: Limits) -> None:
+    def __init__(
+        self,
+        models: dict[str, ServedModel],
+        store: SessionStore,
+        limits: Limits,
+        observer: EngineObserver | None = None,
+    ) -> None:
         self.models = models
         self.store = store
         self.limits = limits
+        self.observer = observer or EngineObserver()
         self._routes: OrderedDict[str, str] = OrderedDict()
 
     # -- validation -------------------------------------------------------
@@ -180,10 +192,12 @@ class SessionManager:
             work = StepWork(session_id, prompt, concurrent.futures.Future(), new_record=record)
             result = await asyncio.wrap_future(model.scheduler.submit(work))
             self._remember(session_id, model.name)
+            self.observer.session_created(model.name, model.architecture)
             return result.record, result
         if not await asyncio.to_thread(self.store.create, record):
             raise AlreadyExists(f"session {session_id} already exists; choose another id or omit it")
         self._remember(session_id, model.name)
+        self.observer.session_created(model.name, model.architecture)
         return record, None
 
     async def step(
@@ -207,7 +221,7 @@ class SessionManager:
                 self._remember(session_id, error.model)
                 continue
             except NotFound:
-                self.forget(session_id)
+                self._lost(session_id)
                 raise
             return model, tokens, result
         raise NotFound(f"session {session_id} not found (it changed model while being stepped)")
@@ -215,14 +229,22 @@ class SessionManager:
     async def get(self, session_id: str) -> SessionRecord:
         record = await asyncio.to_thread(self.store.load, session_id)
         if record is None:
-            self.forget(session_id)
+            self._lost(session_id)
             raise NotFound(f"session {session_id} not found (it may have expired or been deleted)")
         return record
 
     async def delete(self, session_id: str) -> None:
-        self.forget(session_id)
+        model_name = self._routes.pop(session_id, None)
         if not await asyncio.to_thread(self.store.delete, session_id):
             raise NotFound(f"session {session_id} not found (it may have expired or been deleted)")
+        if model_name in self.models:
+            self.observer.session_deleted(model_name, self.models[model_name].architecture)
+
+    def _lost(self, session_id: str) -> None:
+        """Forget a session found missing; count it as expired if this replica had routed it."""
+        model_name = self._routes.pop(session_id, None)
+        if model_name in self.models:
+            self.observer.session_expired(model_name, self.models[model_name].architecture)
 
 
 def top_k_of(next_logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
