@@ -1,6 +1,6 @@
 """Python SDK for rnnstream servers: sessions over LSTM and GRU language models."""
 
-from .client import Client, Session
+from .client import Client, Session, SessionStream
 from .errors import (
     AlreadyExistsError,
     DeadlineExceededError,
@@ -12,13 +12,14 @@ from .errors import (
     RnnstreamError,
     UnavailableError,
 )
-from .types import ModelInfo, SessionInfo, StepResult, TokenPrediction
+from .types import GenerateChunk, ModelInfo, SessionInfo, StepResult, TokenPrediction
 
 __all__ = [
     "AlreadyExistsError",
     "Client",
     "DeadlineExceededError",
     "FailedPreconditionError",
+    "GenerateChunk",
     "InvalidArgumentError",
     "ModelInfo",
     "NotFoundError",
@@ -27,6 +28,7 @@ __all__ = [
     "RnnstreamError",
     "Session",
     "SessionInfo",
+    "SessionStream",
     "StepResult",
     "TokenPrediction",
     "UnavailableError",

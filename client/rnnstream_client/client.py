@@ -2,21 +2,46 @@
 
 from __future__ import annotations
 
+import queue
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import grpc
 
 from ._proto.rnnstream.v1 import rnnstream_pb2 as pb
 from ._proto.rnnstream.v1 import rnnstream_pb2_grpc as pb_grpc
 from .errors import RnnstreamError, UnavailableError, from_rpc_error
-from .types import ModelInfo, SessionInfo, StepResult
+from .types import GenerateChunk, ModelInfo, SessionInfo, StepResult
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 30.0
 RETRY_BACKOFF_S = (0.05, 0.2, 0.5)
 
 Input = str | Sequence[int]
+
+
+def generate_request(
+    session_id: str,
+    position: int | None,
+    prompt: "Input | None",
+    max_tokens: int,
+    temperature: float | None,
+    top_k: int,
+    top_p: float | None,
+    seed: int | None,
+    stop: Sequence[str],
+) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        session_id=session_id,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=list(stop),
+        expected_position=position,
+        **input_fields(prompt, "prompt_token_ids", "prompt"),
+    )
 
 
 def input_fields(value: Input | None, ids_field: str, text_field: str) -> dict:
@@ -95,6 +120,14 @@ class Client:
         session.last = StepResult.from_proto(reply)
         return session
 
+    def import_state(
+        self, blob: bytes, *, session_id: str | None = None, ttl_seconds: int = 0, timeout: float | None = None
+    ) -> "Session":
+        """Create a session from a blob made by Session.export_state()."""
+        request = pb.ImportStateRequest(blob=blob, session_id=session_id or "", ttl_seconds=ttl_seconds)
+        info = SessionInfo.from_proto(self._call("ImportState", request, timeout))
+        return Session(self, info.session_id, model=info.model, position=info.position)
+
     def session(self, session_id: str, *, position: int | None = None) -> "Session":
         """Attach to an existing session; with no position, the first step does not check it."""
         return Session(self, session_id, position=position)
@@ -150,5 +183,98 @@ class Session:
     def delete(self, *, timeout: float | None = None) -> None:
         self.client._call("DeleteSession", pb.DeleteSessionRequest(session_id=self.id), timeout)
 
+    def generate(
+        self,
+        prompt: Input | None = None,
+        *,
+        max_tokens: int = 64,
+        temperature: float | None = None,
+        top_k: int = 0,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Iterator[GenerateChunk]:
+        """Sample up to max_tokens tokens, yielding them as the server streams them.
 
-__all__ = ["Client", "Session", "RnnstreamError"]
+        Closing the iterator early cancels the call; the session then holds
+        exactly the tokens that were received.
+        """
+        request = generate_request(self.id, self.position, prompt, max_tokens, temperature, top_k, top_p, seed, stop)
+        call = self.client._stub.Generate(request, timeout=self.client.timeout if timeout is None else timeout)
+        try:
+            for message in call:
+                chunk = GenerateChunk.from_proto(message)
+                self.position = chunk.position
+                yield chunk
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        finally:
+            call.cancel()
+
+    def stream(self, *, timeout: float | None = None) -> "SessionStream":
+        """Open a StreamSession call: each step() sends one input and waits for its reply, in order.
+
+        The stream has no deadline unless `timeout` is given.
+        """
+        return SessionStream(self, timeout)
+
+    def fork(self, *, session_id: str | None = None, ttl_seconds: int = 0, timeout: float | None = None) -> "Session":
+        """Copy this session's state and position to a new session."""
+        request = pb.ForkSessionRequest(session_id=self.id, new_session_id=session_id or "", ttl_seconds=ttl_seconds)
+        info = SessionInfo.from_proto(self.client._call("ForkSession", request, timeout))
+        return Session(self.client, info.session_id, model=info.model, position=info.position)
+
+    def reset(self, *, timeout: float | None = None) -> SessionInfo:
+        """Return the session to its initial state, position 0."""
+        info = SessionInfo.from_proto(self.client._call("ResetSession", pb.ResetSessionRequest(session_id=self.id), timeout))
+        self.position = info.position
+        return info
+
+    def export_state(self, *, timeout: float | None = None) -> bytes:
+        """Return an opaque, versioned, checksummed blob of the session for Client.import_state()."""
+        reply = self.client._call("ExportState", pb.ExportStateRequest(session_id=self.id), timeout)
+        return reply.blob
+
+
+_END_OF_STREAM = object()
+
+
+class SessionStream:
+    """A bidirectional StreamSession call on one session; use as a context manager."""
+
+    def __init__(self, session: Session, timeout: float | None) -> None:
+        self.session = session
+        self._requests: queue.Queue = queue.Queue()
+        self._call = session.client._stub.StreamSession(iter(self._requests.get, _END_OF_STREAM), timeout=timeout)
+
+    def __enter__(self) -> "SessionStream":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def step(self, input: Input, *, top_k: int | None = None) -> StepResult:
+        self._requests.put(
+            pb.StepRequest(
+                session_id=self.session.id,
+                top_k=top_k,
+                expected_position=self.session.position,
+                **input_fields(input, "token_ids", "text"),
+            )
+        )
+        try:
+            reply = next(self._call)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        result = StepResult.from_proto(reply)
+        self.session.position = result.position
+        self.session.last = result
+        return result
+
+    def close(self) -> None:
+        self._requests.put(_END_OF_STREAM)
+        self._call.cancel()
+
+
+__all__ = ["Client", "Session", "SessionStream", "RnnstreamError"]

@@ -93,3 +93,24 @@ class SessionInfo:
             updated_at=message.updated_at.ToDatetime(tzinfo=datetime.timezone.utc),
             fingerprint=message.fingerprint,
         )
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    """Part of a Generate stream: sampled tokens, or the final message with `finish_reason` set."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    position: int
+    finish_reason: str
+
+    @classmethod
+    def from_proto(cls, message: pb.GenerateResponse) -> "GenerateChunk":
+        return cls(
+            token_ids=list(message.token_ids),
+            text=message.text,
+            logprobs=list(message.logprobs),
+            position=message.position,
+            finish_reason=message.finish_reason,
+        )

@@ -8,9 +8,11 @@ import grpc
 from rnnstream_client._proto.rnnstream.v1 import rnnstream_pb2 as pb
 from rnnstream_client._proto.rnnstream.v1 import rnnstream_pb2_grpc as pb_grpc
 
+from ..engine.generation import GeneratedToken, generate, validate_params
 from ..engine.sessions import SessionManager, new_session_id
+from ..errors import InvalidArgument
 from . import convert
-from .status import unary_errors
+from .status import stream_errors, unary_errors
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,47 @@ class RnnStreamServicer(pb_grpc.RnnStreamServicer):
             input_token_ids=tokens,
         )
 
+    @stream_errors
+    async def StreamSession(self, request_iterator, context: grpc.aio.ServicerContext):
+        session_id = None
+        async for request in request_iterator:
+            if session_id is None:
+                session_id = self.manager.check_session_id(request.session_id)
+            elif request.session_id and request.session_id != session_id:
+                raise InvalidArgument(
+                    f"session_id {request.session_id!r} differs from this stream's session {session_id!r}; "
+                    "open one stream per session"
+                )
+            request.session_id = session_id
+            yield await self._step(request)
+
+    @stream_errors
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        manager = self.manager
+        session_id = manager.check_session_id(request.session_id)
+        model = await manager.model_of(session_id)
+        params = validate_params(
+            manager,
+            model,
+            request.max_tokens,
+            _optional(request, "temperature"),
+            request.top_k,
+            _optional(request, "top_p"),
+            _optional(request, "seed"),
+            list(request.stop),
+        )
+        prompt = manager.encode_input(
+            model, list(request.prompt_token_ids), _optional(request, "prompt"), field="prompt", required=False
+        )
+        events = generate(manager, model, session_id, prompt, _optional(request, "expected_position"), params)
+        async for event in events:
+            if isinstance(event, GeneratedToken):
+                yield pb.GenerateResponse(
+                    token_ids=[event.token_id], text=event.text, logprobs=[event.logprob], position=event.position
+                )
+            else:
+                yield pb.GenerateResponse(text=event.text, position=event.position, finish_reason=event.finish_reason)
+
     @unary_errors
     async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext):
         record = await self.manager.get(self.manager.check_session_id(request.session_id))
@@ -92,3 +135,28 @@ class RnnStreamServicer(pb_grpc.RnnStreamServicer):
         await self.manager.delete(session_id)
         logger.debug("deleted session %s", session_id)
         return pb.DeleteSessionResponse()
+
+    @unary_errors
+    async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext):
+        manager = self.manager
+        session_id = manager.check_session_id(request.session_id)
+        new_id = manager.check_session_id(request.new_session_id, "new_session_id") if request.new_session_id else new_session_id()
+        ttl_s = manager.check_ttl(request.ttl_seconds) if request.ttl_seconds else 0
+        return convert.session_info(await manager.fork(session_id, new_id, ttl_s))
+
+    @unary_errors
+    async def ResetSession(self, request: pb.ResetSessionRequest, context: grpc.aio.ServicerContext):
+        record = await self.manager.reset(self.manager.check_session_id(request.session_id))
+        return convert.session_info(record)
+
+    @unary_errors
+    async def ExportState(self, request: pb.ExportStateRequest, context: grpc.aio.ServicerContext):
+        record, blob = await self.manager.export_state(self.manager.check_session_id(request.session_id))
+        return pb.ExportStateResponse(blob=blob, session=convert.session_info(record))
+
+    @unary_errors
+    async def ImportState(self, request: pb.ImportStateRequest, context: grpc.aio.ServicerContext):
+        manager = self.manager
+        session_id = manager.check_session_id(request.session_id) if request.session_id else new_session_id()
+        record = await manager.import_state(request.blob, session_id, manager.check_ttl(request.ttl_seconds))
+        return convert.session_info(record)

@@ -53,3 +53,22 @@ def unary_errors(method):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
 
     return wrapper
+
+
+def stream_errors(method):
+    """Like unary_errors, for a response-streaming RPC written as an async generator."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except RnnstreamError as error:
+            logger.debug("%s failed: %s", method.__name__, error)
+            context.set_trailing_metadata(trailing_metadata_of(error))
+            await context.abort(status_of(error), str(error))
+        except Exception:
+            logger.exception("%s failed with an unexpected error", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
+
+    return wrapper

@@ -56,6 +56,12 @@ class ModelRunner:
             self.initial_logprobs = torch.log_softmax(self.model.head(zero_top).float(), dim=-1)[0].cpu()
 
     @torch.inference_mode()
+    def peek(self, states: list[bytes]) -> torch.Tensor:
+        """Return the next-token log-probs (B, V) on the CPU for B states, without advancing them."""
+        state = stack_states(states, self.state_shape, self.device)
+        return torch.log_softmax(self.model.head(state[0][-1]).float(), dim=-1).cpu()
+
+    @torch.inference_mode()
     def step(self, token_lists: list[list[int]], states: list[bytes]) -> list[StepOutput]:
         """Advance B sessions by their tokens in one forward pass; results come in input order."""
         batch = len(token_lists)

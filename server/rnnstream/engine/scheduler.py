@@ -181,6 +181,13 @@ class Scheduler:
                     runnable.append((work, record))
             except RnnstreamError as error:
                 work.future.set_exception(error)
+        peeks = [(work, record) for work, record in runnable if not work.tokens]
+        if peeks:
+            # A step with no tokens reads the next-token distribution without writing the session.
+            distributions = self.runner.peek([record.state for _, record in peeks])
+            for row, (work, record) in enumerate(peeks):
+                work.future.set_result(StepResult(record, [], distributions[row]))
+            runnable = [(work, record) for work, record in runnable if work.tokens]
         if not runnable:
             return
         loaded_at = time.monotonic()

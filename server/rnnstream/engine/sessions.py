@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
+import dataclasses
 import re
 import secrets
 from collections import OrderedDict
@@ -18,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import AlreadyExists, InvalidArgument, NotFound, WrongModel
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, StoreUnavailable, WrongModel
 from ..models.bundle import Bundle
+from ..state.blob import export_blob, import_blob
 from ..state.codec import zero_state
-from ..state.record import SessionRecord
+from ..state.record import SaveStatus, SessionRecord
 from ..state.store import SessionStore, now_ms
 from .observer import EngineObserver
 from .runner import ModelRunner
@@ -39,6 +41,7 @@ class Limits:
     default_top_k: int = 5
     default_ttl_s: int = 3600
     max_ttl_s: int = 7 * 24 * 3600
+    max_generate_tokens: int = 4096
 
 
 @dataclass
@@ -226,6 +229,18 @@ class SessionManager:
             return model, tokens, result
         raise NotFound(f"session {session_id} not found (it changed model while being stepped)")
 
+    async def apply(
+        self, model: ServedModel, session_id: str, tokens: list[int], expected_position: int | None
+    ) -> StepResult:
+        """Step a session already routed to model by validated tokens; an empty list only reads the distribution."""
+        tag = request_tag(expected_position, tokens) if expected_position is not None and tokens else ""
+        work = StepWork(session_id, tokens, concurrent.futures.Future(), expected_position, tag)
+        try:
+            return await asyncio.wrap_future(model.scheduler.submit(work))
+        except NotFound:
+            self._lost(session_id)
+            raise
+
     async def get(self, session_id: str) -> SessionRecord:
         record = await asyncio.to_thread(self.store.load, session_id)
         if record is None:
@@ -240,11 +255,95 @@ class SessionManager:
         if model_name in self.models:
             self.observer.session_deleted(model_name, self.models[model_name].architecture)
 
+    async def fork(self, session_id: str, new_session_id: str, ttl_s: int) -> SessionRecord:
+        """Copy a session's model, state and position to a new session."""
+        source = await self.get(session_id)
+        model = self.model(source.model)
+        timestamp = now_ms()
+        record = dataclasses.replace(
+            source,
+            session_id=new_session_id,
+            created_ms=timestamp,
+            updated_ms=timestamp,
+            ttl_s=ttl_s or source.ttl_s,
+            reply_tag="",
+            reply=b"",
+            ttl_remaining_ms=-1,
+        )
+        await _insert(self, record)
+        self._remember(new_session_id, model.name)
+        self.observer.session_created(model.name, model.architecture)
+        return record
+
+    async def reset(self, session_id: str) -> SessionRecord:
+        """Return a session to the zero state at position 0, keeping its id, model and TTL."""
+        for _ in range(16):
+            current = await self.get(session_id)
+            model = self.model(current.model)
+            record = dataclasses.replace(
+                current,
+                fingerprint=model.bundle.fingerprint,
+                position=0,
+                shape=model.runner.state_shape,
+                state=zero_state(model.runner.state_shape),
+                updated_ms=now_ms(),
+                reply_tag="",
+                reply=b"",
+                ttl_remaining_ms=-1,
+            )
+            result = await asyncio.to_thread(self.store.save, record, current.position)
+            if result.status is SaveStatus.SAVED:
+                return record
+            if result.status is SaveStatus.MISSING:
+                self._lost(session_id)
+                raise NotFound(f"session {session_id} not found (it may have expired or been deleted)")
+        raise StoreUnavailable(f"session {session_id} kept changing during reset; try again")
+
+    async def export_state(self, session_id: str) -> tuple[SessionRecord, bytes]:
+        record = await self.get(session_id)
+        return record, export_blob(record)
+
+    async def import_state(self, blob: bytes, session_id: str, ttl_s: int) -> SessionRecord:
+        """Create a session from an exported blob, if a served model has the blob's name and fingerprint."""
+        fields = import_blob(blob)
+        model = self.model(fields["model"])
+        if fields["fingerprint"] != model.bundle.fingerprint:
+            raise FailedPrecondition(
+                f"state blob was exported from model {model.name} with fingerprint {fields['fingerprint']}; "
+                f"this server's {model.name} has fingerprint {model.bundle.fingerprint}"
+            )
+        if fields["shape"] != model.runner.state_shape or fields["dtype"] != "float32":
+            raise FailedPrecondition(
+                f"state blob has {fields['dtype']} state of shape {fields['shape']}; model {model.name} "
+                f"expects float32 of shape {model.runner.state_shape}"
+            )
+        timestamp = now_ms()
+        record = SessionRecord(
+            session_id=session_id,
+            model=model.name,
+            fingerprint=model.bundle.fingerprint,
+            position=fields["position"],
+            created_ms=timestamp,
+            updated_ms=timestamp,
+            ttl_s=ttl_s,
+            shape=model.runner.state_shape,
+            state=fields["state"],
+        )
+        await _insert(self, record)
+        self._remember(session_id, model.name)
+        self.observer.session_created(model.name, model.architecture)
+        return record
+
     def _lost(self, session_id: str) -> None:
         """Forget a session found missing; count it as expired if this replica had routed it."""
         model_name = self._routes.pop(session_id, None)
         if model_name in self.models:
             self.observer.session_expired(model_name, self.models[model_name].architecture)
+
+
+async def _insert(manager: "SessionManager", record: SessionRecord) -> None:
+    if not await asyncio.to_thread(manager.store.create, record):
+        raise AlreadyExists(f"session {record.session_id} already exists; choose another id or omit it")
 
 
 def top_k_of(next_logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:

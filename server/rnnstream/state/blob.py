@@ -1,0 +1,74 @@
+"""The export format of a session: an opaque, versioned, checksummed blob.
+
+Layout (all integers little-endian):
+  4 bytes   magic b"RNSS"
+  2 bytes   format version (1)
+  4 bytes   header length N
+  N bytes   header, UTF-8 JSON: model, fingerprint, position, dtype, shape, ttl_s, created_ms
+  M bytes   packed state (see rnnstream.state.codec); M is given by the header's shape
+  16 bytes  BLAKE2b-128 digest of everything before it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+from ..errors import InvalidArgument
+from .codec import state_nbytes
+from .record import SessionRecord
+
+MAGIC = b"RNSS"
+VERSION = 1
+DIGEST_SIZE = 16
+PREFIX = struct.Struct("<4sHI")
+
+
+def export_blob(record: SessionRecord) -> bytes:
+    header = json.dumps(
+        {
+            "model": record.model,
+            "fingerprint": record.fingerprint,
+            "position": record.position,
+            "dtype": record.dtype,
+            "shape": list(record.shape),
+            "ttl_s": record.ttl_s,
+            "created_ms": record.created_ms,
+        },
+        sort_keys=True,
+    ).encode()
+    body = PREFIX.pack(MAGIC, VERSION, len(header)) + header + record.state
+    return body + hashlib.blake2b(body, digest_size=DIGEST_SIZE).digest()
+
+
+def import_blob(blob: bytes) -> dict:
+    """Check and unpack a blob; return its header fields plus "state". Raise InvalidArgument if it is damaged."""
+    if len(blob) < PREFIX.size + DIGEST_SIZE:
+        raise InvalidArgument(f"state blob of {len(blob)} bytes is too short to be an rnnstream export")
+    magic, version, header_size = PREFIX.unpack_from(blob)
+    if magic != MAGIC:
+        raise InvalidArgument("state blob is not an rnnstream export (wrong magic bytes)")
+    if version != VERSION:
+        raise InvalidArgument(f"state blob has format version {version}; this server reads version {VERSION}")
+    body, digest = blob[:-DIGEST_SIZE], blob[-DIGEST_SIZE:]
+    if hashlib.blake2b(body, digest_size=DIGEST_SIZE).digest() != digest:
+        raise InvalidArgument("state blob is corrupted: its checksum does not match")
+    try:
+        header = json.loads(body[PREFIX.size : PREFIX.size + header_size])
+        shape = tuple(int(size) for size in header["shape"])
+        state = body[PREFIX.size + header_size :]
+        fields = {
+            "model": str(header["model"]),
+            "fingerprint": str(header["fingerprint"]),
+            "position": int(header["position"]),
+            "dtype": str(header["dtype"]),
+            "shape": shape,
+            "ttl_s": int(header["ttl_s"]),
+            "state": state,
+        }
+    except (ValueError, KeyError, TypeError) as error:
+        raise InvalidArgument(f"state blob has an invalid header: {error}") from error
+    if len(state) != state_nbytes(shape):
+        raise InvalidArgument(f"state blob holds {len(state)} state bytes; its shape {shape} needs {state_nbytes(shape)}")
+    return fields
