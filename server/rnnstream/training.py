@@ -232,9 +232,10 @@ def train(options: TrainOptions) -> dict:
     name = options.name or options.output.name
     model.eval()
     fingerprint = save_bundle(options.output, name, model, tokenizer, training=record)
+    prompts = ("And God said", "The best way to ", "A computer is")
     samples = [
-        (prompt, sample_text(model, tokenizer, prompt, 160, 0.8, options.seed))
-        for prompt in ("And God said", "The best way to ", "A computer is")
+        (prompt, sample_text(model, tokenizer, prompt, 160, 0.8, options.seed + index))
+        for index, prompt in enumerate(prompts)
     ]
     write_model_card(options.output / "README.md", name, config, record, fingerprint, samples)
     return record
