@@ -21,3 +21,10 @@ def reference_logprobs(model: RecurrentLM, tokens: list[int]) -> tuple[list[floa
     input_logprobs = logprobs.gather(1, x[0].unsqueeze(1)).squeeze(1).double().tolist()
     next_logprobs = torch.log_softmax(model.head(outputs[0, -1]), dim=-1).double()
     return input_logprobs, next_logprobs
+
+
+def assert_predictions_close(actual, expected, tolerance: float = 1e-5) -> None:
+    """Assert two lists of TokenPrediction name the same tokens with log-probs within tolerance."""
+    assert [item.token_id for item in actual] == [item.token_id for item in expected]
+    for got, want in zip(actual, expected):
+        assert abs(got.logprob - want.logprob) <= tolerance, (got, want)

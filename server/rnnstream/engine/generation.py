@@ -1,16 +1,19 @@
-"""Token generation: sample, stream, then apply each token to the session.
+"""Token generation: sample a token, apply it to the session, then stream it.
 
 Each iteration is one ordinary step of the session, so it joins the model's
 batch with every other session's steps, and generations join and leave the
-batch between iterations. A token is sent to the client before its step is
-applied, and the step is shielded from cancellation, so a client that cancels
-leaves the session advanced by exactly the tokens it was sent.
+batch between iterations. A token is sent only after its step is stored, so
+every token a client receives is part of the session. If the client cancels
+while a token's step is in flight, the step is rolled back once it completes,
+so the session keeps exactly the tokens that were sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import dataclasses
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -19,8 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidArgument
+from ..state.record import SessionRecord
+from ..state.store import now_ms
 from .sampling import SamplingParams, sample_token
 from .sessions import ServedModel, SessionManager
+
+logger = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -39,7 +46,7 @@ class GeneratedToken:
     token_id: int
     text: str  # decoded text this token completes; empty while a UTF-8 character is incomplete
     logprob: float
-    position: int  # session position once this token is applied
+    position: int  # session position after this token, which is already stored
 
 
 @dataclass(frozen=True)
@@ -98,26 +105,40 @@ async def generate(
     text_tail = ""
 
     result = await manager.apply(model, session_id, prompt, expected_position)  # prompt, or a read of the state
-    position = result.record.position
-    logprobs = result.next_logprobs
     last_sent = started
     for index in range(params.max_tokens):
+        logprobs = result.next_logprobs
         token = sample_token(logprobs, params.sampling, generator)
-        text = decoder.decode(tokenizer.token_bytes(token))
-        yield GeneratedToken(token, text, float(logprobs[token]), position + 1)
+        before = result.record
+        step = asyncio.ensure_future(manager.apply(model, session_id, [token], before.position))
+        try:
+            result = await asyncio.shield(step)
+        except asyncio.CancelledError:
+            await _roll_back(manager, step, before)
+            raise
+        position = result.record.position
 
+        text = decoder.decode(tokenizer.token_bytes(token))
+        yield GeneratedToken(token, text, float(logprobs[token]), position)
         now = time.monotonic()
         observer.generated_token(*labels, now - last_sent, index == 0)
         last_sent = now
-        # Shielded: once a token is sent, its step completes even if the client cancels now.
-        result = await asyncio.shield(manager.apply(model, session_id, [token], position))
-        position = result.record.position
-        logprobs = result.next_logprobs
 
         if params.stop:
             text_tail = (text_tail + text)[-(longest_stop + 8) :]
             if any(stop in text_tail for stop in params.stop):
                 yield GenerationEnd("stop", position, decoder.decode(b"", final=True))
                 return
-    yield GenerationEnd("length", position, decoder.decode(b"", final=True))
+    yield GenerationEnd("length", result.record.position, decoder.decode(b"", final=True))
+
+
+async def _roll_back(manager: SessionManager, step: asyncio.Future, before: SessionRecord) -> None:
+    """Undo a cancelled generation's in-flight step once it completes, unless the session moved on since."""
+    try:
+        applied = await step
+    except Exception:  # noqa: BLE001 - a failed step changed nothing
+        return
+    restored = dataclasses.replace(before, updated_ms=now_ms(), reply_tag="", reply=b"", ttl_remaining_ms=-1)
+    outcome = await asyncio.to_thread(manager.store.save, restored, applied.record.position)
+    logger.debug("generation on session %s cancelled; rolled back one token: %s", before.session_id, outcome.status)
 

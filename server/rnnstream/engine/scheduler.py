@@ -47,7 +47,7 @@ class StepWork:
     tokens: list[int]
     future: concurrent.futures.Future
     expected_position: int | None = None
-    reply_tag: str = ""
+    reply_tag: str = ""  # identifies the step in the stored record, so a re-sent step is never applied twice
     new_record: SessionRecord | None = None  # set when the step creates the session (a prompt)
     conflicts: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -198,7 +198,7 @@ class Scheduler:
         timestamp = now_ms()
         updates, created = [], []
         for (work, record), output in zip(runnable, outputs):
-            reply = encode_reply(output.input_logprobs, output.next_logprobs) if work.reply_tag else b""
+            reply = encode_reply(output.input_logprobs, output.next_logprobs)
             new = record.advanced(len(work.tokens), output.state, timestamp, work.reply_tag, reply)
             (created if work.new_record is not None else updates).append((work, record, new, output))
 
@@ -259,12 +259,17 @@ class Scheduler:
                 f"model {self.name} expects shape {self.runner.state_shape} and {self.runner.state_nbytes} bytes"
             )
         expected = work.expected_position
-        if expected is None or record.position == expected:
-            return True
-        if work.reply_tag and record.reply_tag == work.reply_tag and record.position == expected + len(work.tokens):
+        if (
+            work.reply_tag
+            and record.reply_tag == work.reply_tag
+            and (expected is None or record.position == expected + len(work.tokens))
+        ):
+            # This very step was applied before: a client retry, or our own write re-sent after a timeout.
             input_logprobs, next_logprobs = decode_reply(record.reply)
             work.future.set_result(StepResult(record, input_logprobs, next_logprobs, replayed=True))
             return False
+        if expected is None or record.position == expected:
+            return True
         raise PositionMismatch(work.session_id, expected, record.position)
 
     def _requeue_conflict(self, work: StepWork) -> None:

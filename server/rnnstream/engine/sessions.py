@@ -63,8 +63,15 @@ def new_session_id() -> str:
     return secrets.token_hex(16)  # 128 random bits
 
 
-def request_tag(expected_position: int, tokens: list[int]) -> str:
-    """Identify a step by its expected position and tokens, so a retry can be recognised."""
+def request_tag(expected_position: int | None, tokens: list[int]) -> str:
+    """Identify a step, so that the store can tell whether it was already applied.
+
+    With an expected position the tag is derived from the request, so a client's
+    retry of the same step is recognised. Without one it is unique to this call,
+    which still recognises the server's own write re-sent after a timeout.
+    """
+    if expected_position is None:
+        return "once:" + secrets.token_hex(8)
     digest = hashlib.blake2b(repr(tokens).encode(), digest_size=8).hexdigest()
     return f"{expected_position}:{digest}"
 
@@ -215,7 +222,7 @@ class SessionManager:
         for _ in range(2):
             model = await self.model_of(session_id)
             tokens = self.encode_input(model, token_ids, text, field)
-            tag = request_tag(expected_position, tokens) if expected_position is not None else ""
+            tag = request_tag(expected_position, tokens)
             work = StepWork(session_id, tokens, concurrent.futures.Future(), expected_position, tag)
             try:
                 result = await asyncio.wrap_future(model.scheduler.submit(work))
@@ -233,7 +240,7 @@ class SessionManager:
         self, model: ServedModel, session_id: str, tokens: list[int], expected_position: int | None
     ) -> StepResult:
         """Step a session already routed to model by validated tokens; an empty list only reads the distribution."""
-        tag = request_tag(expected_position, tokens) if expected_position is not None and tokens else ""
+        tag = request_tag(expected_position, tokens) if tokens else ""
         work = StepWork(session_id, tokens, concurrent.futures.Future(), expected_position, tag)
         try:
             return await asyncio.wrap_future(model.scheduler.submit(work))
