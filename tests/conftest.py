@@ -35,7 +35,7 @@ class RedisProcess:
     def __init__(self, directory: Path, port: int | None = None, appendonly: bool = False) -> None:
         self.directory = directory
         self.port = port or free_port()
-        self.appendonly = appendonly
+        self.appendonly = appendonly  # with appendfsync always, so a killed server loses no acknowledged write
         self.process: subprocess.Popen | None = None
 
     @property
@@ -49,7 +49,8 @@ class RedisProcess:
         self.process = subprocess.Popen(
             [
                 REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.directory),
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+                "--dir", str(self.directory),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

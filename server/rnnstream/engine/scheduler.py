@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import random
 import struct
 import threading
 import time
@@ -36,7 +37,9 @@ from .runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
-MAX_CONFLICT_RETRIES = 16
+MAX_CONFLICT_RETRIES = 32
+CONFLICT_BACKOFF_S = 0.0005  # first retry waits up to this long, doubling per retry
+CONFLICT_BACKOFF_CAP_S = 0.05
 
 
 @dataclass
@@ -273,6 +276,11 @@ class Scheduler:
         raise PositionMismatch(work.session_id, expected, record.position)
 
     def _requeue_conflict(self, work: StepWork) -> None:
+        """Queue a step again after another writer (another replica) changed its session first.
+
+        The retry waits a random, growing backoff so two replicas racing on one
+        session do not keep colliding in lockstep.
+        """
         work.conflicts += 1
         if work.conflicts > MAX_CONFLICT_RETRIES:
             work.future.set_exception(
@@ -281,7 +289,7 @@ class Scheduler:
                 else StoreUnavailable(f"session {work.session_id} is contended; gave up after {work.conflicts} tries")
             )
             return
-        logger.debug("session %s changed during its step; retrying", work.session_id)
+        logger.debug("session %s changed during its step; retry %d", work.session_id, work.conflicts)
         retry = StepWork(
             session_id=work.session_id,
             tokens=work.tokens,
@@ -291,8 +299,17 @@ class Scheduler:
             conflicts=work.conflicts,
         )
         retry.future.add_done_callback(lambda done: _forward(done, work.future))
+        delay = random.uniform(0, min(CONFLICT_BACKOFF_CAP_S, CONFLICT_BACKOFF_S * 2**work.conflicts))
+        timer = threading.Timer(delay, self._resubmit, (retry,))
+        timer.daemon = True
+        timer.start()
+
+    def _resubmit(self, work: StepWork) -> None:
         with self._cond:
-            self._pending.appendleft(retry)
+            if not self._running:
+                work.future.set_exception(StoreUnavailable(f"model {self.name} is shutting down"))
+                return
+            self._pending.appendleft(work)
             self._cond.notify()
 
 
