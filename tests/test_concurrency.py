@@ -116,3 +116,28 @@ def test_deadlines_leave_sessions_whole(start_server, redis_url, tiny_models_dir
     with Client(server.target) as client:
         for session_id, text in results:
             check_state(client, session_id, model, text)
+
+
+def test_bad_session_fails_alone_in_batch(start_server, redis_url):
+    import redis as redis_client
+    from rnnstream_client import FailedPreconditionError
+
+    server = start_server(redis_url=redis_url, max_wait_ms=50.0)
+    with Client(server.target) as client:
+        sessions = [client.create_session("tiny-lstm", prompt="abc") for _ in range(8)]
+    connection = redis_client.Redis.from_url(redis_url)
+    connection.hset(f"rnnstream:session:{{{sessions[3].id}}}", "state", b"\x00" * 10)
+    connection.close()
+
+    def step(session):
+        with Client(server.target) as client:
+            try:
+                return client.session(session.id, position=3).step("d").position
+            except FailedPreconditionError as error:
+                return error
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(step, sessions))
+    assert isinstance(results[3], FailedPreconditionError)
+    assert "10 bytes" in results[3].details
+    assert results[:3] + results[4:] == [4] * 7

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.bundle import Bundle
-from ..state.codec import split_states, stack_states, state_nbytes, state_shape
+from ..state.codec import stack_states, state_nbytes, state_shape
 
 
 @dataclass
@@ -82,15 +82,19 @@ class ModelRunner:
         input_logprobs = input_logprobs.gather(2, tokens.unsqueeze(2)).squeeze(2)  # (B, T)
         next_logprobs = torch.log_softmax(model.head(new_state[0][-1]).float(), dim=-1)  # (B, V)
 
-        # One transfer back per tensor; on CUDA the first .cpu() is the batch's synchronisation.
-        input_logprobs = input_logprobs.cpu().double()
-        next_logprobs = next_logprobs.cpu()
-        blobs = split_states(new_state)
+        # One device-to-host copy per batch (on CUDA, the batch's only synchronisation):
+        # each row is [next-token log-probs (V) | packed new state (S*L*H) | input log-probs (T)].
+        state_rows = torch.stack(new_state).permute(2, 0, 1, 3).reshape(batch, -1)  # (B, S, L, H) -> (B, S*L*H)
+        packed = torch.cat([next_logprobs, state_rows.float(), input_logprobs], dim=1).cpu()
+        vocab, state_size = next_logprobs.shape[1], state_rows.shape[1]
+        state_bytes = packed[:, vocab : vocab + state_size].contiguous().numpy().tobytes()
+        input_rows = packed[:, vocab + state_size :].double().tolist()
+        row_bytes = state_size * 4
         return [
             StepOutput(
-                input_logprobs=input_logprobs[row, : lengths[row]].tolist(),
-                next_logprobs=next_logprobs[row],
-                state=blobs[row],
+                input_logprobs=input_rows[row][: lengths[row]],
+                next_logprobs=packed[row, :vocab],
+                state=state_bytes[row * row_bytes : (row + 1) * row_bytes],
             )
             for row in range(batch)
         ]

@@ -153,16 +153,24 @@ class Scheduler:
                 continue
             try:
                 self._execute(batch)
-            except Exception as error:  # noqa: BLE001 - the loop must survive any one batch
-                logger.exception("batch of %d steps for model %s failed", len(batch), self.name)
-                for work in batch:
-                    if not work.future.done():
-                        work.future.set_exception(error)
+            except Exception:  # noqa: BLE001 - the loop must survive any one batch
+                logger.exception("batch of %d steps for model %s failed; running its steps one by one", len(batch), self.name)
+                self._execute_alone([work for work in batch if not work.future.done()])
         with self._cond:
             for work in self._pending:
                 if work.future.set_running_or_notify_cancel():
                     work.future.set_exception(StoreUnavailable(f"model {self.name} is shutting down"))
             self._pending.clear()
+
+    def _execute_alone(self, batch: list[StepWork]) -> None:
+        """Run each step of a failed batch on its own, so one bad step fails alone."""
+        for work in batch:
+            try:
+                self._execute([work])
+            except Exception as error:  # noqa: BLE001 - reported to this step's caller
+                logger.exception("step of session %s on model %s failed", work.session_id, self.name)
+                if not work.future.done():
+                    work.future.set_exception(error)
 
     def _execute(self, batch: list[StepWork]) -> None:
         started = time.monotonic()
