@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .bench.command import add_bench_parser
+
 logger = logging.getLogger("rnnstream")
 
 
@@ -163,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     add_complete_parser(commands)
     add_train_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 
