@@ -83,8 +83,10 @@ OPTIONS: dict[str, tuple] = {
     "port": (_port, "gRPC port (default 50051; 0 picks a free port)"),
     "redis_url": (
         _optional_str,
-        "Redis URL for session state, e.g. redis://127.0.0.1:6379/0 (default: in-process store, "
-        "single process, sessions lost on restart)",
+        "Redis URL for session state: redis://HOST:PORT/DB, rediss:// for TLS, "
+        "redis+cluster://HOST:PORT[,HOST:PORT...] for Redis Cluster, "
+        "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] for Sentinel "
+        "(default: in-process store, single process, sessions lost on restart)",
     ),
     "redis_timeout": (_non_negative_float, "timeout in seconds of each Redis operation (default 1.0)"),
     "device": (str, "auto, cpu, cuda or cuda:N (default auto: cuda:0 when CUDA is available)"),

@@ -13,18 +13,23 @@ Cluster hash tag, so every key of a session maps to one slot. Fields:
 
 Writes are compare-and-set on `position` in a Lua script, so two replicas that
 step one session at once can never both apply their step.
+
+The store works against one server, a Redis Cluster or a Sentinel-managed
+master; rnnstream.state.redis_connect lists the URL forms.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
+from redis.exceptions import NoScriptError
 
 from ..errors import StoreUnavailable
 from .record import SaveResult, SaveStatus, SessionRecord
+from .redis_connect import connect, parse_redis_url
 from .store import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -48,7 +53,18 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 return {1, 0}
 """
 
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+REDIS_ERRORS = (
+    redis.exceptions.ConnectionError,  # includes Sentinel's MasterNotFoundError
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterError,  # CLUSTERDOWN and retries exhausted while the cluster changes
+    redis.exceptions.RedisClusterException,  # no startup node reachable, or a slot without a node
+)
+
+
+class LuaScript:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
 def session_key(session_id: str) -> str:
@@ -93,24 +109,57 @@ class RedisStore(SessionStore):
     def __init__(self, url: str, timeout_s: float = 1.0) -> None:
         self.url = url
         self.timeout_s = timeout_s
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
-            health_check_interval=10,
-        )
-        self._create = self.client.register_script(CREATE_SCRIPT)
-        self._save = self.client.register_script(SAVE_SCRIPT)
-        pool = self.client.connection_pool.connection_kwargs
-        self.description = f"redis at {pool.get('host', pool.get('path', '?'))}:{pool.get('port', '')}/{pool.get('db', 0)}"
+        self.target = parse_redis_url(url)
+        self.description = self.target.description
+        self._client = None
+        self._client_lock = threading.Lock()
+        self._create = LuaScript(CREATE_SCRIPT)
+        self._save = LuaScript(SAVE_SCRIPT)
+
+    @property
+    def client(self):
+        """The redis-py client, made on first use because a cluster client connects to learn the slots."""
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = connect(self.target, self.timeout_s)
+        return self._client
 
     def _unavailable(self, error: Exception) -> StoreUnavailable:
-        return StoreUnavailable(f"Redis at {self.description} is unavailable: {error}")
+        return StoreUnavailable(f"{self.description} is unavailable: {error}")
+
+    def _run_script(self, script: LuaScript, calls: list[tuple[str, list]]) -> list:
+        """Run a script once per (key, args) call in one pipeline; load it where Redis reports NOSCRIPT.
+
+        A new, restarted or failed-over node has an empty script cache, and redis-py's
+        cluster pipelines do not load scripts themselves. NOSCRIPT means the script
+        did not run, so running those calls again is safe.
+        """
+        replies = self._evalsha_pipeline(script, calls)
+        missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            logger.debug(
+                "loading a Lua script into %s after %d NOSCRIPT replies", self.description, len(missing)
+            )
+            self.client.script_load(script.source)  # on every primary of a cluster
+            retried = self._evalsha_pipeline(script, [calls[index] for index in missing])
+            for index, reply in zip(missing, retried):
+                replies[index] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _evalsha_pipeline(self, script: LuaScript, calls: list[tuple[str, list]]) -> list:
+        pipe = self.client.pipeline(transaction=False)
+        for key, args in calls:
+            pipe.evalsha(script.sha, 1, key, *args)
+        return pipe.execute(raise_on_error=False)
 
     def create(self, record: SessionRecord) -> bool:
+        call = (session_key(record.session_id), [record.ttl_s, *_fields(record)])
         try:
-            return bool(self._create(keys=[session_key(record.session_id)], args=[record.ttl_s, *_fields(record)]))
+            return bool(self._run_script(self._create, [call])[0])
         except REDIS_ERRORS as error:
             raise self._unavailable(error) from error
 
@@ -131,15 +180,12 @@ class RedisStore(SessionStore):
         return records
 
     def save_many(self, updates: list[tuple[SessionRecord, int]]) -> list[SaveResult]:
+        calls = [
+            (session_key(record.session_id), [str(expected_position), record.ttl_s, *_fields(record)])
+            for record, expected_position in updates
+        ]
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for record, expected_position in updates:
-                self._save(
-                    keys=[session_key(record.session_id)],
-                    args=[str(expected_position), record.ttl_s, *_fields(record)],
-                    client=pipe,
-                )
-            replies = pipe.execute()
+            replies = self._run_script(self._save, calls)
         except REDIS_ERRORS as error:
             raise self._unavailable(error) from error
         results = []
@@ -165,4 +211,5 @@ class RedisStore(SessionStore):
             raise self._unavailable(error) from error
 
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
