@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .bench.command import add_bench_parser
 
-logger = logging.getLogger("rnnstream")
+logger = logging.getLogger(__name__)
 
 
 def add_train_parser(commands) -> None:

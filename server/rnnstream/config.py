@@ -44,6 +44,14 @@ def _port(text: str) -> int:
     return value
 
 
+# metrics_port value of --metrics-port auto: serve metrics on a free port, logged at start.
+METRICS_PORT_AUTO = -1
+
+
+def _metrics_port(text: str) -> int:
+    return METRICS_PORT_AUTO if text == "auto" else _port(text)
+
+
 def _choice(*choices: str):
     def parse(text: str) -> str:
         if text not in choices:
@@ -73,7 +81,7 @@ class ServerConfig:
     default_ttl: int = 3600
     max_ttl: int = 7 * 24 * 3600
     grace: float = 10.0
-    metrics_port: int = 0
+    metrics_port: int = 0  # 0: off; METRICS_PORT_AUTO: a free port
 
 
 # field name -> (parser, help). Flags are --field-name, variables RNNSTREAM_FIELD_NAME.
@@ -98,7 +106,10 @@ OPTIONS: dict[str, tuple] = {
     "default_ttl": (_positive_int, "idle TTL in seconds of sessions that set none (default 3600)"),
     "max_ttl": (_positive_int, "largest idle TTL in seconds a session may ask for (default 604800)"),
     "grace": (_non_negative_float, "seconds in-flight calls get to finish on SIGTERM (default 10)"),
-    "metrics_port": (_port, "Prometheus metrics HTTP port (default 0: metrics off)"),
+    "metrics_port": (
+        _metrics_port,
+        "Prometheus metrics HTTP port on the --host address (default 0: metrics off; auto picks a free port)",
+    ),
 }
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 from rnnstream_client._proto.rnnstream.v1 import rnnstream_pb2 as pb
 from rnnstream_client._proto.rnnstream.v1 import rnnstream_pb2_grpc as pb_grpc
 
@@ -19,6 +20,7 @@ from ..engine.runner import ModelRunner, resolve_device
 from ..engine.scheduler import Scheduler
 from ..engine.sessions import Limits, ServedModel, SessionManager
 from ..errors import StoreUnavailable
+from ..metrics import MetricsEndpoint, PrometheusObserver, RpcMetricsInterceptor
 from ..models.bundle import find_bundles, load_bundle
 from ..state.memory import MemoryStore
 from ..state.redis_store import RedisStore
@@ -40,6 +42,10 @@ class App:
     store: SessionStore
     health: health.aio.HealthServicer
     config: ServerConfig
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)  # the server's Prometheus metrics
+    metrics: PrometheusObserver | None = None  # None when build_server was given another observer
+    metrics_port: int = 0  # bound port of the metrics HTTP endpoint; 0 when it is off
+    _metrics_endpoint: MetricsEndpoint | None = None
     _monitor: asyncio.Task | None = None
 
     async def stop(self, grace: float | None = None) -> None:
@@ -49,6 +55,8 @@ class App:
         if self._monitor is not None:
             self._monitor.cancel()
         await self.server.stop(grace)
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()
         for model in self.manager.models.values():
             model.scheduler.stop()
         self.store.close()
@@ -103,15 +111,28 @@ async def _watch_store(app: App) -> None:
             status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
             await app.health.set("", status)
             await app.health.set(SERVICE_NAME, status)
+            if app.metrics is not None:
+                app.metrics.store_available(healthy)
             serving = healthy
         await asyncio.sleep(HEALTH_INTERVAL_S)
 
 
 async def build_server(config: ServerConfig, observer: EngineObserver | None = None) -> App:
-    """Load models, open the store, and start a gRPC server; return it with its bound port."""
-    observer = observer or EngineObserver()
+    """Load models, open the store, and start a gRPC server; return it with its bound port.
+
+    `observer` receives the engine's events; the default is a PrometheusObserver
+    on a new registry. Another kind of observer replaces the engine metrics, and
+    the RPC metrics remain. With config.metrics_port set, the registry is served
+    over HTTP on config.host.
+    """
+    if observer is None:
+        observer = PrometheusObserver(CollectorRegistry())
+    metrics = observer if isinstance(observer, PrometheusObserver) else None
+    registry = metrics.registry if metrics is not None else CollectorRegistry()
     store = open_store(config)
     models = load_models(config, store, observer)
+    if metrics is not None:
+        metrics.watch_models(models)
     limits = Limits(
         max_input_tokens=config.max_input_tokens,
         default_ttl_s=config.default_ttl,
@@ -120,6 +141,7 @@ async def build_server(config: ServerConfig, observer: EngineObserver | None = N
     manager = SessionManager(models, store, limits, observer)
 
     server = grpc.aio.server(
+        interceptors=[RpcMetricsInterceptor(registry)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -137,9 +159,13 @@ async def build_server(config: ServerConfig, observer: EngineObserver | None = N
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not listen on {address}")
+    endpoint = MetricsEndpoint(registry, config.host, config.metrics_port) if config.metrics_port else None
     await server.start()
 
-    app = App(server=server, port=port, manager=manager, store=store, health=health_servicer, config=config)
+    app = App(
+        server=server, port=port, manager=manager, store=store, health=health_servicer, config=config,
+        registry=registry, metrics=metrics, metrics_port=endpoint.port if endpoint else 0, _metrics_endpoint=endpoint,
+    )
     app._monitor = asyncio.create_task(_watch_store(app))
     return app
 
@@ -162,12 +188,16 @@ async def serve(config: ServerConfig) -> None:
         config.max_batch, config.max_wait_ms, config.max_input_tokens, config.default_ttl, config.max_ttl,
     )
     logger.info("serving on %s (port %d)", listen_address(config.host, app.port), app.port)
+    if app.metrics_port:
+        logger.info("Prometheus metrics on http://%s/metrics", listen_address(config.host, app.metrics_port))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    logger.info("stopping: draining in-flight calls for up to %.1f s", config.grace)
+    logger.info(
+        "stopping: draining in-flight calls on %s for up to %.1f s", listen_address(config.host, app.port), config.grace
+    )
     await app.stop()
-    logger.info("stopped")
+    logger.info("stopped serving on %s", listen_address(config.host, app.port))
