@@ -92,6 +92,14 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"rnnstream serve: {error}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
+    if config.workers > 1:
+        from .api.workers import run_workers
+
+        try:
+            return run_workers(config)
+        except (ValueError, OSError) as error:
+            logger.error("cannot start: %s", error)
+            return 1
     from .api.server import serve
 
     try:
@@ -159,11 +167,45 @@ def run_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_health_parser(commands) -> None:
+    parser = commands.add_parser(
+        "health",
+        help="ask a server's gRPC health service for its status; exit 0 when it is SERVING",
+        description="Call grpc.health.v1.Health/Check and print the status. Exit status 0 means SERVING; "
+        "1 means any other status or a failed call. Suitable for container health checks.",
+    )
+    parser.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    parser.add_argument(
+        "--target", default=None, help="server address host:port (default 127.0.0.1:50051) [RNNSTREAM_TARGET]"
+    )
+    parser.add_argument("--timeout", type=float, default=5.0, help="deadline of the check in seconds (default 5)")
+    parser.set_defaults(handler=run_health)
+
+
+def run_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = client_target(args)
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"rnnstream health: {target}: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnstream", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(commands)
     add_complete_parser(commands)
+    add_health_parser(commands)
     add_train_parser(commands)
     add_bench_parser(commands)
     return parser

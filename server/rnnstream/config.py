@@ -82,6 +82,7 @@ class ServerConfig:
     max_ttl: int = 7 * 24 * 3600
     grace: float = 10.0
     metrics_port: int = 0  # 0: off; METRICS_PORT_AUTO: a free port
+    workers: int = 1
 
 
 # field name -> (parser, help). Flags are --field-name, variables RNNSTREAM_FIELD_NAME.
@@ -109,6 +110,11 @@ OPTIONS: dict[str, tuple] = {
     "metrics_port": (
         _metrics_port,
         "Prometheus metrics HTTP port on the --host address (default 0: metrics off; auto picks a free port)",
+    ),
+    "workers": (
+        _positive_int,
+        "server processes sharing the port through SO_REUSEPORT (default 1); worker i serves metrics "
+        "on metrics port + i and, with several CUDA devices, runs on cuda:(i mod device count)",
     ),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from ..models.bundle import find_bundles, load_bundle
 from ..state.memory import MemoryStore
 from ..state.redis_store import RedisStore
 from ..state.store import SessionStore
+from .served_by import ServedByInterceptor
 from .servicer import RnnStreamServicer
 
 logger = logging.getLogger(__name__)
@@ -141,11 +143,12 @@ async def build_server(config: ServerConfig, observer: EngineObserver | None = N
     manager = SessionManager(models, store, limits, observer)
 
     server = grpc.aio.server(
-        interceptors=[RpcMetricsInterceptor(registry)],
+        interceptors=[RpcMetricsInterceptor(registry), ServedByInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
+            # Several workers share one port; a single process must not share it by accident.
+            ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
         ]
     )
     pb_grpc.add_RnnStreamServicer_to_server(RnnStreamServicer(manager), server)
@@ -170,8 +173,11 @@ async def build_server(config: ServerConfig, observer: EngineObserver | None = N
     return app
 
 
-async def serve(config: ServerConfig) -> None:
-    """Run the server until SIGTERM or SIGINT, then drain in-flight calls within the grace period."""
+async def serve(config: ServerConfig, worker: int | None = None) -> None:
+    """Run the server until SIGTERM or SIGINT, then drain in-flight calls within the grace period.
+
+    `worker` is this process's index when it is one of several workers on the port.
+    """
     app = await build_server(config)
     for model in app.manager.models.values():
         logger.info(
@@ -187,7 +193,13 @@ async def serve(config: ServerConfig) -> None:
         "limits: max batch %d, max wait %.1f ms, max input %d tokens, TTL %d s (max %d s)",
         config.max_batch, config.max_wait_ms, config.max_input_tokens, config.default_ttl, config.max_ttl,
     )
-    logger.info("serving on %s (port %d)", listen_address(config.host, app.port), app.port)
+    if worker is None:
+        logger.info("serving on %s (port %d)", listen_address(config.host, app.port), app.port)
+    else:
+        logger.info(
+            "serving on %s (port %d) as worker %d of %d, pid %d",
+            listen_address(config.host, app.port), app.port, worker, config.workers, os.getpid(),
+        )
     if app.metrics_port:
         logger.info("Prometheus metrics on http://%s/metrics", listen_address(config.host, app.metrics_port))
 
