@@ -6,10 +6,13 @@ import pytest
 import redis
 import torch
 
+from rnnstream.errors import StoreUnavailable
 from rnnstream.state.codec import split_states, stack_states, state_nbytes
 from rnnstream.state.memory import MemoryStore
 from rnnstream.state.record import SaveStatus, SessionRecord
 from rnnstream.state.redis_store import RedisStore, session_key
+
+from .conftest import RedisProcess
 
 
 class FakeClock:
@@ -136,3 +139,21 @@ def test_codec_round_trip_and_layout():
     assert stacked[0].shape == (3, 4, 5)  # (L, B, H)
     assert torch.equal(stacked[1][:, 2], states[2][1])
     assert split_states(stacked) == blobs
+
+
+def test_redis_out_of_memory_is_unavailable(tmp_path):
+    process = RedisProcess(tmp_path / "full-redis").start()
+    client = redis.Redis.from_url(process.url)
+    store = RedisStore(process.url)
+    try:
+        assert store.create(make_record("s1"))
+        client.config_set("maxmemory", 1)  # every write now exceeds maxmemory (policy noeviction)
+        with pytest.raises(StoreUnavailable, match="maxmemory"):
+            store.save(make_record("s1", position=1), expected_position=0)
+        with pytest.raises(StoreUnavailable, match="maxmemory"):
+            store.create(make_record("s2"))
+        assert store.load("s1").position == 0
+    finally:
+        store.close()
+        client.close()
+        process.stop()

@@ -58,6 +58,7 @@ REDIS_ERRORS = (
     redis.exceptions.TimeoutError,
     redis.exceptions.ClusterError,  # CLUSTERDOWN and retries exhausted while the cluster changes
     redis.exceptions.RedisClusterException,  # no startup node reachable, or a slot without a node
+    redis.exceptions.OutOfMemoryError,  # used memory above maxmemory with the noeviction policy
 )
 
 
