@@ -256,7 +256,8 @@ def write_model_card(path: Path, name: str, config: ModelConfig, record: dict, f
         f"| corpus | {corpus} |",
         f"| held-out text | the last {record['holdout_fraction']:.0%} of each file, {record['holdout_tokens']:,} bytes |",
         f"| training | {record['steps']:,} steps of batch {record['batch_size']} x {record['seq_len']} bytes, "
-        f"{record['train_seconds'] / 60:.1f} minutes on {record['threads']} CPU threads"
+        f"{record['train_seconds'] / 60:.1f} minutes on {record['threads']} CPU "
+        f"thread{'s' if record['threads'] != 1 else ''}"
         f"{', bfloat16 autocast' if record['bf16'] else ''} |",
         f"| held-out bits per character | {record['holdout_bits_per_char']:.3f} |",
         f"| unigram baseline, same held-out text | {record['unigram_bits_per_char']:.3f} bits per character |",
