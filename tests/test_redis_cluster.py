@@ -53,13 +53,17 @@ class RedisClusterProcesses:
                 )
             )
         self.clients = [redis.Redis(port=port, socket_connect_timeout=0.5) for port in self.ports]
-        self._wait(lambda client: client.ping(), "start")
-        result = subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *self.nodes, "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True, text=True, timeout=60,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        self._wait(lambda client: client.cluster("info")["cluster_state"] == "ok", "report cluster_state:ok")
+        try:
+            self._wait(lambda client: client.ping(), "start")
+            result = subprocess.run(
+                [REDIS_CLI, "--cluster", "create", *self.nodes, "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True, text=True, timeout=60,
+            )
+            assert result.returncode == 0, result.stdout + result.stderr
+            self._wait(lambda client: client.cluster("info")["cluster_state"] == "ok", "reach cluster_state:ok")
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def nodes(self) -> list[str]:

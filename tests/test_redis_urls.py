@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -130,6 +131,9 @@ def start_replica(directory: Path, master_port: int) -> tuple[subprocess.Popen, 
         except redis.exceptions.RedisError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
+            client.close()
+            process.kill()
+            process.wait(10)
             raise RuntimeError(f"replica on port {port} did not sync with its master")
         time.sleep(0.05)
 
@@ -149,11 +153,18 @@ def eventually(action, timeout: float = 30):
 def test_sentinel_store_follows_failover(tmp_path):
     if REDIS_SERVER is None:
         pytest.fail("redis-server is not installed; .ci/run installs it with apt-get")
-    master = RedisProcess(tmp_path / "master").start()
-    replica, replica_client, replica_port = start_replica(tmp_path / "replica", master.port)
-    sentinel = SentinelProcess(tmp_path / "sentinel", master.port)
-    store = RedisStore(f"redis+sentinel://127.0.0.1:{sentinel.port}/sessions/0", timeout_s=1.0)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        master = RedisProcess(tmp_path / "master").start()
+        cleanup.callback(master.stop)
+        replica, replica_client, replica_port = start_replica(tmp_path / "replica", master.port)
+        cleanup.callback(replica.wait, 10)
+        cleanup.callback(replica.kill)
+        cleanup.callback(replica_client.close)
+        sentinel = SentinelProcess(tmp_path / "sentinel", master.port)
+        cleanup.callback(sentinel.stop)
+        store = RedisStore(f"redis+sentinel://127.0.0.1:{sentinel.port}/sessions/0", timeout_s=1.0)
+        cleanup.callback(store.close)
+
         sentinel.wait_for(
             lambda client: len(client.execute_command("SENTINEL", "REPLICAS", "sessions")) == 1,
             "discovering the replica",
@@ -174,13 +185,6 @@ def test_sentinel_store_follows_failover(tmp_path):
         assert saved.status.value == "saved"
         assert eventually(lambda: store.create(make_record("after-failover")))
         assert replica_client.hget("rnnstream:session:{after-failover}", "position") == "0"
-    finally:
-        store.close()
-        sentinel.stop()
-        replica_client.close()
-        replica.kill()
-        replica.wait(10)
-        master.stop()
 
 
 def test_sentinel_without_master_is_unavailable():
@@ -209,14 +213,16 @@ def tls_redis(tmp_path_factory):
             "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
 
     port = free_port()
+    log = directory / "redis.log"
     process = subprocess.Popen(
         [
             REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
             "--tls-cert-file", str(directory / "server.crt"), "--tls-key-file", str(directory / "server.key"),
             "--tls-ca-cert-file", str(directory / "ca.crt"), "--tls-auth-clients", "no",
             "--requirepass", "s3cret-pass", "--save", "", "--appendonly", "no", "--dir", str(directory),
+            "--logfile", str(log),
         ],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -224,24 +230,26 @@ def tls_redis(tmp_path_factory):
         host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(directory / "ca.crt"), password="s3cret-pass",
         socket_connect_timeout=0.5,
     )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            if process.poll() is not None:
-                output = process.stdout.read()
-                if "TLS" in output and "not" in output.lower():
-                    pytest.skip(f"this redis-server is built without TLS: {output.strip()[-200:]}")
-                raise RuntimeError(f"TLS redis-server did not start:\n{output}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("TLS redis-server did not respond to PING")
-            time.sleep(0.05)
-    client.close()
-    yield port, directory / "ca.crt"
-    process.kill()
-    process.wait(10)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if process.poll() is not None:
+                    output = log.read_text() if log.exists() else ""
+                    if "TLS" in output and "not" in output.lower():
+                        pytest.skip(f"this redis-server is built without TLS: {output.strip()[-200:]}")
+                    raise RuntimeError(f"TLS redis-server did not start:\n{output}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("TLS redis-server did not respond to PING")
+                time.sleep(0.05)
+        yield port, directory / "ca.crt"
+    finally:
+        client.close()
+        process.kill()
+        process.wait(10)
 
 
 def test_tls_with_password(tls_redis):
