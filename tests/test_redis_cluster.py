@@ -60,7 +60,7 @@ class RedisClusterProcesses:
                 capture_output=True, text=True, timeout=60,
             )
             assert result.returncode == 0, result.stdout + result.stderr
-            self._wait(lambda client: client.cluster("info")["cluster_state"] == "ok", "reach cluster_state:ok")
+            self._wait(lambda client: client.cluster("info")["cluster_state"] == "ok", "reach state ok")
         except BaseException:
             self.stop()
             raise
