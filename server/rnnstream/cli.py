@@ -1,4 +1,4 @@
-"""The rnnstream command: serve, train, complete."""
+"""The rnnstream command: serve, train, and client commands (complete, generate, chat)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .bench.command import add_bench_parser
+from .cli_client import add_chat_parser, add_complete_parser, add_generate_parser, client_target
 
 logger = logging.getLogger(__name__)
 
@@ -110,63 +111,6 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--target", default=None, help="server address host:port (default 127.0.0.1:50051) [RNNSTREAM_TARGET]"
-    )
-    parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call in seconds (default 30)")
-
-
-def client_target(args: argparse.Namespace) -> str:
-    import os
-
-    return args.target or os.environ.get("RNNSTREAM_TARGET") or "127.0.0.1:50051"
-
-
-def _non_empty(text: str) -> str:
-    if not text:
-        raise argparse.ArgumentTypeError("text is empty")
-    return text
-
-
-def add_complete_parser(commands) -> None:
-    parser = commands.add_parser(
-        "complete", help="open a session, send text, and print the most likely next tokens"
-    )
-    parser.add_argument("text", type=_non_empty, help="text to send")
-    parser.add_argument("--model", "-m", help="model name (default: the first model the server lists)")
-    parser.add_argument("--top-k", type=int, default=5, help="number of next tokens to print (default 5)")
-    parser.add_argument("--chunk", type=int, default=0, help="send the text in steps of this many characters")
-    add_client_options(parser)
-    parser.set_defaults(handler=run_complete)
-
-
-def run_complete(args: argparse.Namespace) -> int:
-    import math
-
-    from rnnstream_client import Client, RnnstreamError
-
-    try:
-        with Client(client_target(args), timeout=args.timeout) as client:
-            model = args.model or client.list_models()[0].name
-            session = client.create_session(model)
-            chunk = args.chunk if args.chunk > 0 else len(args.text)
-            logprob_sum = 0.0
-            for start in range(0, len(args.text), chunk):
-                result = session.step(args.text[start : start + chunk], top_k=args.top_k)
-                logprob_sum += sum(result.input_logprobs)
-            session.delete()
-    except RnnstreamError as error:
-        print(f"rnnstream complete: {error}", file=sys.stderr)
-        return 1
-    bits = -logprob_sum / math.log(2)
-    print(f"model {model}, session {session.id}, position {result.position}")
-    print(f"text scored {bits:.1f} bits ({bits / len(args.text):.2f} bits per character)")
-    for prediction in result.next_tokens:
-        print(f"{math.exp(prediction.logprob):8.4f}  {prediction.token_id:5d}  {prediction.token_bytes!r}")
-    return 0
-
-
 def add_health_parser(commands) -> None:
     parser = commands.add_parser(
         "health",
@@ -205,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(commands)
     add_complete_parser(commands)
+    add_generate_parser(commands)
+    add_chat_parser(commands)
     add_health_parser(commands)
     add_train_parser(commands)
     add_bench_parser(commands)

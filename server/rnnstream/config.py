@@ -78,6 +78,7 @@ class ServerConfig:
     max_batch: int = 64
     max_wait_ms: float = 2.0
     max_input_tokens: int = 8192
+    max_generate_tokens: int = 4096
     default_ttl: int = 3600
     max_ttl: int = 7 * 24 * 3600
     grace: float = 10.0
@@ -104,6 +105,7 @@ OPTIONS: dict[str, tuple] = {
     "max_batch": (_positive_int, "maximum sessions per model step (default 64; 1 turns batching off)"),
     "max_wait_ms": (_non_negative_float, "maximum milliseconds a step waits for batch-mates (default 2.0)"),
     "max_input_tokens": (_positive_int, "maximum tokens in one request's input (default 8192)"),
+    "max_generate_tokens": (_positive_int, "maximum max_tokens of one Generate call (default 4096)"),
     "default_ttl": (_positive_int, "idle TTL in seconds of sessions that set none (default 3600)"),
     "max_ttl": (_positive_int, "largest idle TTL in seconds a session may ask for (default 604800)"),
     "grace": (_non_negative_float, "seconds in-flight calls get to finish on SIGTERM (default 10)"),

@@ -137,6 +137,7 @@ async def build_server(config: ServerConfig, observer: EngineObserver | None = N
         metrics.watch_models(models)
     limits = Limits(
         max_input_tokens=config.max_input_tokens,
+        max_generate_tokens=config.max_generate_tokens,
         default_ttl_s=config.default_ttl,
         max_ttl_s=config.max_ttl,
     )
@@ -190,8 +191,9 @@ async def serve(config: ServerConfig, worker: int | None = None) -> None:
     if isinstance(app.store, MemoryStore):
         logger.warning("no --redis-url set: sessions live in this process only and are lost on restart")
     logger.info(
-        "limits: max batch %d, max wait %.1f ms, max input %d tokens, TTL %d s (max %d s)",
-        config.max_batch, config.max_wait_ms, config.max_input_tokens, config.default_ttl, config.max_ttl,
+        "limits: max batch %d, max wait %.1f ms, max input %d tokens, max generate %d tokens, TTL %d s (max %d s)",
+        config.max_batch, config.max_wait_ms, config.max_input_tokens, config.max_generate_tokens,
+        config.default_ttl, config.max_ttl,
     )
     if worker is None:
         logger.info("serving on %s (port %d)", listen_address(config.host, app.port), app.port)
