@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,8 @@ from rnnstream.models.network import ModelConfig, RecurrentLM
 from rnnstream.models.tokenizer import ByteTokenizer
 
 REDIS_SERVER = shutil.which("redis-server")
+# Device of the servers the tests start; RNNSTREAM_TEST_DEVICE=cuda runs them on a GPU.
+TEST_DEVICE = os.environ.get("RNNSTREAM_TEST_DEVICE", "cpu")
 
 
 def free_port() -> int:
@@ -145,7 +148,7 @@ def start_server(tiny_models_dir):
     servers: list[ServerThread] = []
 
     def start(**overrides) -> ServerThread:
-        settings = {"models_dir": tiny_models_dir, "port": 0, **overrides}
+        settings = {"models_dir": tiny_models_dir, "port": 0, "device": TEST_DEVICE, **overrides}
         server = ServerThread(ServerConfig(**settings))
         servers.append(server)
         return server
