@@ -12,6 +12,10 @@ import grpc
 import pytest
 from rnnstream_client import Client, NotFoundError, RnnstreamError, SessionInfo, StepResult
 
+from rnnstream.engine.runner import resolve_device
+
+from .conftest import TEST_DEVICE
+
 
 def test_session_lifecycle(server):
     with Client(server.target, timeout=10) as client:
@@ -19,7 +23,7 @@ def test_session_lifecycle(server):
         assert models["tiny-lstm"].architecture == "lstm"
         assert models["tiny-lstm"].state_size_bytes == 2 * 2 * 48 * 4
         assert models["tiny-gru"].state_size_bytes == 2 * 48 * 4
-        assert models["tiny-gru"].device == "cpu"
+        assert models["tiny-gru"].device == str(resolve_device(TEST_DEVICE))
 
         session = client.create_session("tiny-lstm", ttl_seconds=120, prompt="The ", top_k=4)
         assert len(session.id) == 32
