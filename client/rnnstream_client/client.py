@@ -197,8 +197,9 @@ class Session:
     ) -> Iterator[GenerateChunk]:
         """Sample up to max_tokens tokens, yielding them as the server streams them.
 
-        Closing the iterator early cancels the call; the session then holds
-        exactly the tokens that were received.
+        Closing the iterator early cancels the call. The session keeps the
+        tokens the server sent before the cancel reached it, which can include
+        tokens in flight that were never read; Session.info() has the position.
         """
         request = generate_request(self.id, self.position, prompt, max_tokens, temperature, top_k, top_p, seed, stop)
         call = self.client._stub.Generate(request, timeout=self.client.timeout if timeout is None else timeout)

@@ -43,7 +43,7 @@ class EngineObserver:
         pass
 
     def session_expired(self, model: str, architecture: str) -> None:
-        """A step or read found a session gone that this replica had routed and not deleted."""
+        """Count a session that a step or read found gone, after this replica had routed it and not deleted it."""
 
     def generated_token(self, model: str, architecture: str, device: str, seconds: float, first: bool) -> None:
-        """A streamed token: `seconds` since the request started (first) or since the previous token."""
+        """Record a streamed token: `seconds` since the request started (first) or since the previous token."""

@@ -61,7 +61,7 @@ class StepResult:
     record: SessionRecord  # the session after the step
     input_logprobs: list[float]
     next_logprobs: torch.Tensor  # (V,) float32
-    replayed: bool = False  # True when a retried step was answered from the stored reply
+    replayed: bool = False  # True when a retried step got the stored reply instead of a new model step
 
 
 def encode_reply(input_logprobs: list[float], next_logprobs: torch.Tensor) -> bytes:
@@ -217,8 +217,9 @@ class Scheduler:
             results = self.store.save_many([(new, record.position) for _, record, new, _ in updates]) if updates else []
             inserted = [self.store.create(new) for _, _, new, _ in created]
         except StoreUnavailable as error:
-            # NOTE: a write that timed out may still have been applied; a retry that carries
-            # expected_position finds out from the stored reply tag without applying twice.
+            # NOTE: a write that timed out may still have been applied. A client retry that
+            # carries expected_position is recognised by the stored tag and not applied twice;
+            # a retry without one cannot be told apart from a new step.
             for work, _, _, _ in updates + created:
                 if not work.future.done():
                     work.future.set_exception(error)
@@ -254,14 +255,14 @@ class Scheduler:
                 work.future.set_exception(_already_exists(work.session_id))
 
     def _check(self, work: StepWork, record: SessionRecord | None) -> bool:
-        """Validate a loaded session for work; return False when work was answered without a model step."""
+        """Validate a loaded session for work; return False when work was resolved without a model step."""
         if record is None:
             raise NotFound(f"session {work.session_id} not found (it may have expired or been deleted)")
         if record.model != self.name:
             raise WrongModel(work.session_id, record.model)
         if record.fingerprint != self.runner.bundle.fingerprint:
             raise FailedPrecondition(
-                f"session {work.session_id} holds state of model {record.model} (fingerprint "
+                f"session {work.session_id} contains state of model {record.model} (fingerprint "
                 f"{record.fingerprint}), not of model {self.name} (fingerprint {self.runner.bundle.fingerprint})"
             )
         if tuple(record.shape) != self.runner.state_shape or len(record.state) != self.runner.state_nbytes:

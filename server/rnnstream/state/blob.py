@@ -70,5 +70,5 @@ def import_blob(blob: bytes) -> dict:
     except (ValueError, KeyError, TypeError) as error:
         raise InvalidArgument(f"state blob has an invalid header: {error}") from error
     if len(state) != state_nbytes(shape):
-        raise InvalidArgument(f"state blob holds {len(state)} state bytes; its shape {shape} needs {state_nbytes(shape)}")
+        raise InvalidArgument(f"state blob contains {len(state)} state bytes; its shape {shape} needs {state_nbytes(shape)}")
     return fields

@@ -12,8 +12,8 @@ class SessionRecord:
 
     `state` is the packed float32 array described in rnnstream.state.codec, with
     `shape` (S, num_layers, hidden). `reply_tag` and `reply` keep the last
-    applied step's request tag and encoded reply so a retried step can be
-    answered without being applied twice.
+    applied step's request tag and encoded reply, so a retried step gets the
+    same reply without being applied twice.
     """
 
     session_id: str

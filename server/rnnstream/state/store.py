@@ -43,7 +43,7 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     def ping(self) -> None:
-        """Raise StoreUnavailable unless the backend answers."""
+        """Raise StoreUnavailable unless the backend replies."""
 
     def load(self, session_id: str) -> SessionRecord | None:
         return self.load_many([session_id])[0]
