@@ -9,7 +9,15 @@ import grpc
 
 from ._proto.rnnstream.v1 import rnnstream_pb2 as pb
 from ._proto.rnnstream.v1 import rnnstream_pb2_grpc as pb_grpc
-from .client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, RETRY_BACKOFF_S, Input, generate_request, input_fields
+from .client import (
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT_S,
+    RETRY_BACKOFF_S,
+    Input,
+    create_session_request,
+    generate_request,
+    step_request,
+)
 from .errors import RnnstreamError, UnavailableError, from_rpc_error
 from .types import GenerateChunk, ModelInfo, SessionInfo, StepResult
 
@@ -64,13 +72,7 @@ class Client:
         top_k: int | None = None,
         timeout: float | None = None,
     ) -> "Session":
-        request = pb.CreateSessionRequest(
-            model=model,
-            session_id=session_id or "",
-            ttl_seconds=ttl_seconds,
-            top_k=top_k,
-            **input_fields(prompt, "prompt_token_ids", "prompt"),
-        )
+        request = create_session_request(model, session_id, ttl_seconds, prompt, top_k)
         reply = await self._call("CreateSession", request, timeout)
         session = Session(self, reply.session_id, model=model, position=reply.position)
         session.last = StepResult.from_proto(reply)
@@ -103,12 +105,7 @@ class Session:
     async def step(
         self, input: Input, *, top_k: int | None = None, retries: int = 2, timeout: float | None = None
     ) -> StepResult:
-        request = pb.StepRequest(
-            session_id=self.id,
-            top_k=top_k,
-            expected_position=self.position,
-            **input_fields(input, "token_ids", "text"),
-        )
+        request = step_request(self.id, self.position, input, top_k)
         attempts = 1 + (retries if self.position is not None else 0)
         for attempt in range(attempts):
             try:
@@ -193,12 +190,7 @@ class SessionStream:
         await self.close()
 
     async def step(self, input: Input, *, top_k: int | None = None) -> StepResult:
-        request = pb.StepRequest(
-            session_id=self.session.id,
-            top_k=top_k,
-            expected_position=self.session.position,
-            **input_fields(input, "token_ids", "text"),
-        )
+        request = step_request(self.session.id, self.session.position, input, top_k)
         try:
             await self._call.write(request)
             reply = await self._call.read()

@@ -44,6 +44,27 @@ def generate_request(
     )
 
 
+def create_session_request(
+    model: str, session_id: str | None, ttl_seconds: int, prompt: "Input | None", top_k: int | None
+) -> pb.CreateSessionRequest:
+    return pb.CreateSessionRequest(
+        model=model,
+        session_id=session_id or "",
+        ttl_seconds=ttl_seconds,
+        top_k=top_k,
+        **input_fields(prompt, "prompt_token_ids", "prompt"),
+    )
+
+
+def step_request(session_id: str, position: int | None, input: "Input", top_k: int | None) -> pb.StepRequest:
+    return pb.StepRequest(
+        session_id=session_id,
+        top_k=top_k,
+        expected_position=position,
+        **input_fields(input, "token_ids", "text"),
+    )
+
+
 def input_fields(value: Input | None, ids_field: str, text_field: str) -> dict:
     """Map text to the text field and a sequence of ints to the token-id field."""
     if value is None:
@@ -108,13 +129,7 @@ class Client:
         timeout: float | None = None,
     ) -> "Session":
         """Open a session on model; its first result (predictions after the prompt) is `session.last`."""
-        request = pb.CreateSessionRequest(
-            model=model,
-            session_id=session_id or "",
-            ttl_seconds=ttl_seconds,
-            top_k=top_k,
-            **input_fields(prompt, "prompt_token_ids", "prompt"),
-        )
+        request = create_session_request(model, session_id, ttl_seconds, prompt, top_k)
         reply = self._call("CreateSession", request, timeout)
         session = Session(self, reply.session_id, model=model, position=reply.position)
         session.last = StepResult.from_proto(reply)
@@ -155,12 +170,7 @@ class Session:
         UNAVAILABLE is retried up to `retries` times when the position is known:
         the server applies a retried step at most once.
         """
-        request = pb.StepRequest(
-            session_id=self.id,
-            top_k=top_k,
-            expected_position=self.position,
-            **input_fields(input, "token_ids", "text"),
-        )
+        request = step_request(self.id, self.position, input, top_k)
         attempts = 1 + (retries if self.position is not None else 0)
         for attempt in range(attempts):
             try:
@@ -256,14 +266,7 @@ class SessionStream:
         self.close()
 
     def step(self, input: Input, *, top_k: int | None = None) -> StepResult:
-        self._requests.put(
-            pb.StepRequest(
-                session_id=self.session.id,
-                top_k=top_k,
-                expected_position=self.session.position,
-                **input_fields(input, "token_ids", "text"),
-            )
-        )
+        self._requests.put(step_request(self.session.id, self.session.position, input, top_k))
         try:
             reply = next(self._call)
         except grpc.RpcError as error:

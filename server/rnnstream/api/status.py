@@ -37,6 +37,17 @@ def trailing_metadata_of(error: RnnstreamError) -> tuple[tuple[str, str], ...]:
     return ()
 
 
+async def abort_with(error: Exception, method: str, request, context: grpc.aio.ServicerContext) -> None:
+    """Abort the call with the status of error; log unexpected errors with the session involved."""
+    session_id = getattr(request, "session_id", "") or "-"
+    if isinstance(error, RnnstreamError):
+        logger.debug("%s on session %s failed: %s", method, session_id, error)
+        context.set_trailing_metadata(trailing_metadata_of(error))
+        await context.abort(status_of(error), str(error))
+    logger.error("%s on session %s failed with an unexpected error", method, session_id, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+
+
 def unary_errors(method):
     """Turn RnnstreamError into its status, and any other exception into INTERNAL, for a unary RPC."""
 
@@ -44,13 +55,8 @@ def unary_errors(method):
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
             return await method(self, request, context)
-        except RnnstreamError as error:
-            logger.debug("%s failed: %s", method.__name__, error)
-            context.set_trailing_metadata(trailing_metadata_of(error))
-            await context.abort(status_of(error), str(error))
-        except Exception:
-            logger.exception("%s failed with an unexpected error", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            await abort_with(error, method.__name__, request, context)
 
     return wrapper
 
@@ -63,12 +69,7 @@ def stream_errors(method):
         try:
             async for response in method(self, request, context):
                 yield response
-        except RnnstreamError as error:
-            logger.debug("%s failed: %s", method.__name__, error)
-            context.set_trailing_metadata(trailing_metadata_of(error))
-            await context.abort(status_of(error), str(error))
-        except Exception:
-            logger.exception("%s failed with an unexpected error", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            await abort_with(error, method.__name__, request, context)
 
     return wrapper
