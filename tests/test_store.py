@@ -157,3 +157,15 @@ def test_redis_out_of_memory_is_unavailable(tmp_path):
         store.close()
         client.close()
         process.stop()
+
+
+def test_create_resent_after_timeout_succeeds(store):
+    """The same create sent twice (its first reply lost) is one insert, not a conflict."""
+    tagged = make_record()
+    tagged = type(tagged)(**{**tagged.__dict__, "reply_tag": "create:abc"})
+    assert store.create(tagged)
+    assert store.create(tagged)
+    other = type(tagged)(**{**tagged.__dict__, "reply_tag": "create:xyz"})
+    assert not store.create(other)
+    untagged = make_record()
+    assert not store.create(untagged)

@@ -63,6 +63,11 @@ def new_session_id() -> str:
     return secrets.token_hex(16)  # 128 random bits
 
 
+def creation_tag() -> str:
+    """Tag a new session's record, so a create re-sent after a timeout is recognised."""
+    return "create:" + secrets.token_hex(8)
+
+
 def request_tag(expected_position: int | None, tokens: list[int]) -> str:
     """Identify a step, so that the store can tell whether it was already applied.
 
@@ -186,6 +191,7 @@ class SessionManager:
             ttl_s=ttl_s,
             shape=model.runner.state_shape,
             state=zero_state(model.runner.state_shape),
+            reply_tag=creation_tag(),
         )
 
     async def create(
@@ -199,7 +205,9 @@ class SessionManager:
         model = self.model(model_name)
         record = self.new_record(model, session_id, ttl_s)
         if prompt:
-            work = StepWork(session_id, prompt, concurrent.futures.Future(), new_record=record)
+            work = StepWork(
+                session_id, prompt, concurrent.futures.Future(), reply_tag=record.reply_tag, new_record=record
+            )
             result = await asyncio.wrap_future(model.scheduler.submit(work))
             self._remember(session_id, model.name)
             self.observer.session_created(model.name, model.architecture)
@@ -273,7 +281,7 @@ class SessionManager:
             created_ms=timestamp,
             updated_ms=timestamp,
             ttl_s=ttl_s or source.ttl_s,
-            reply_tag="",
+            reply_tag=creation_tag(),
             reply=b"",
             ttl_remaining_ms=-1,
         )
@@ -335,6 +343,7 @@ class SessionManager:
             ttl_s=ttl_s,
             shape=model.runner.state_shape,
             state=fields["state"],
+            reply_tag=creation_tag(),
         )
         await _insert(self, record)
         self._remember(session_id, model.name)

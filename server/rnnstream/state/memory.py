@@ -50,8 +50,9 @@ class MemoryStore(SessionStore):
         with self._lock:
             now = self._clock()
             self._sweep(now)
-            if self._live(record.session_id, now) is not None:
-                return False
+            existing = self._live(record.session_id, now)
+            if existing is not None:
+                return bool(record.reply_tag) and existing.reply_tag == record.reply_tag
             self._records[record.session_id] = (record, now + record.ttl_s)
             return True
 

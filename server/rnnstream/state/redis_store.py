@@ -36,8 +36,17 @@ logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "rnnstream:session:"
 
+# ARGV: ttl seconds, then field/value pairs to write. A session that exists with the
+# same reply_tag is this very create re-sent after a timeout, so it reports success.
 CREATE_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local tag = nil
+  for i = 2, #ARGV, 2 do
+    if ARGV[i] == 'reply_tag' then tag = ARGV[i + 1] end
+  end
+  if tag and tag ~= '' and redis.call('HGET', KEYS[1], 'reply_tag') == tag then return 1 end
+  return 0
+end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1

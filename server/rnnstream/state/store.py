@@ -23,7 +23,11 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     def create(self, record: SessionRecord) -> bool:
-        """Insert record unless its session id exists; return whether it was inserted."""
+        """Insert record unless its session id exists; return whether it was inserted.
+
+        A session that exists with the record's non-empty reply_tag counts as
+        inserted: it is this same create, re-sent after a timeout.
+        """
 
     @abc.abstractmethod
     def load_many(self, session_ids: list[str]) -> list[SessionRecord | None]:
