@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -50,3 +51,15 @@ def test_invalid_device_is_rejected():
 
     with pytest.raises(ValueError, match="invalid device 'tpu'"):
         resolve_device("tpu")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-wait-ms", "inf"], "invalid value 'inf' for --max-wait-ms: inf is outside [0, 1000]"),
+    (["--max-wait-ms", "nan"], "invalid value 'nan' for --max-wait-ms"),
+    (["--redis-timeout", "0"], "invalid value '0' for --redis-timeout: 0.0 is outside (0, 60]"),
+    (["--max-ttl", "5000000000"], "invalid value '5000000000' for --max-ttl: 5000000000 is outside [1, 4294967295]"),
+    (["--grace", "-1"], "invalid value '-1' for --grace"),
+])
+def test_out_of_range_values_are_rejected(argv, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse(argv, {})

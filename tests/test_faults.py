@@ -164,3 +164,29 @@ def test_memory_store_session_expires(start_server):
         time.sleep(1.5)
         with pytest.raises(NotFoundError):
             session.step("d")
+
+
+def test_read_only_redis_is_unavailable(tmp_path, start_server):
+    """A Redis that became a replica rejects writes: UNAVAILABLE and NOT_SERVING, then recovery."""
+    import redis as redis_client
+
+    redis_process = RedisProcess(tmp_path / "redis").start()
+    try:
+        server = start_server(redis_url=redis_process.url, redis_timeout=0.5)
+        with Client(server.target) as client:
+            session = client.create_session("tiny-gru", prompt="abc")
+            connection = redis_client.Redis(port=redis_process.port)
+            connection.replicaof("127.0.0.1", 1)  # nothing listens on port 1; the data stays
+            try:
+                with pytest.raises(UnavailableError, match="(?i)read.only"):
+                    session.step("d", retries=0)
+                with pytest.raises(UnavailableError):
+                    client.create_session("tiny-gru")
+                assert wait_for_health(server.target, health_pb2.HealthCheckResponse.NOT_SERVING)
+            finally:
+                connection.replicaof("NO", "ONE")
+                connection.close()
+            assert wait_for_health(server.target, health_pb2.HealthCheckResponse.SERVING)
+            assert session.step("d").position == 4
+    finally:
+        redis_process.stop()

@@ -91,3 +91,49 @@ def test_import_into_other_model_fails(server, start_server, redis_url, tmp_path
             client.import_state(blob, session_id="wont-exist")
         with pytest.raises(NotFoundError):
             client.session("wont-exist").info()
+
+
+def reforge(blob: bytes, **header_changes) -> bytes:
+    """Rewrite an export's header and recompute its checksum, as a hostile client could."""
+    import hashlib
+    import json
+    import struct
+
+    magic, version, size = struct.unpack_from("<4sHI", blob)
+    header = json.loads(blob[10 : 10 + size])
+    header.update(header_changes)
+    state = blob[10 + size : -16]
+    if "state" in header_changes:
+        state = header.pop("state")
+    encoded = json.dumps(header).encode()
+    body = struct.pack("<4sHI", magic, version, len(encoded)) + encoded + state
+    return body + hashlib.blake2b(body, digest_size=16).digest()
+
+
+@pytest.mark.parametrize("changes, phrase", [
+    ({"position": -5}, "position -5"),
+    ({"position": 2**64}, "position 18446744073709551616"),
+    ({"dtype": "float16"}, "dtype 'float16'"),
+    ({"state": b"\xff\xff\xff\x7f" * 96}, "NaN or infinite"),  # tiny-gru: 1 x 2 x 48 floats
+])
+def test_forged_blob_is_rejected(server, changes, phrase):
+    with Client(server.target) as client:
+        blob = client.create_session("tiny-gru", prompt="abc").export_state()
+        assert client.import_state(reforge(blob), session_id="genuine").position == 3
+        with pytest.raises(InvalidArgumentError, match=phrase):
+            client.import_state(reforge(blob, **changes), session_id="forged")
+        with pytest.raises(NotFoundError):
+            client.session("forged").info()
+
+
+def test_generate_follows_id_reused_for_other_model(start_server, redis_url):
+    """Replica B cached the route of an id that replica A re-created for another model."""
+    first, second = start_server(redis_url=redis_url), start_server(redis_url=redis_url)
+    with Client(first.target) as a, Client(second.target) as b:
+        a.create_session("tiny-gru", session_id="reused", prompt="abc")
+        b.session("reused").step("d")
+        a.session("reused").delete()
+        a.create_session("tiny-lstm", session_id="reused", prompt="abc")
+        chunks = list(b.session("reused").generate(max_tokens=3, seed=1))
+        assert chunks[-1].position == 6
+        assert b.session("reused").info().model == "tiny-lstm"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from rnnstream_client import Client, InvalidArgumentError
+from rnnstream_client import Client, InvalidArgumentError, RnnstreamError
 from rnnstream_client._proto.rnnstream.v1 import rnnstream_pb2 as pb
 from rnnstream_client._proto.rnnstream.v1 import rnnstream_pb2_grpc as pb_grpc
 
@@ -46,3 +46,14 @@ def test_stream_error_keeps_earlier_steps(server):
             with pytest.raises(InvalidArgumentError, match="token id 999"):
                 stream.step([999])
         assert session.info().position == 2
+
+
+def test_stream_step_after_error_says_closed(server):
+    with Client(server.target) as client:
+        session = client.create_session("tiny-lstm")
+        with session.stream() as stream:
+            with pytest.raises(InvalidArgumentError, match="text is empty"):
+                stream.step("")
+            with pytest.raises(RnnstreamError, match="this stream already ended with INVALID_ARGUMENT"):
+                stream.step("abc")
+        assert session.info().position == 0

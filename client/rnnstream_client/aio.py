@@ -17,6 +17,7 @@ from .client import (
     create_session_request,
     generate_request,
     step_request,
+    stream_closed_error,
 )
 from .errors import RnnstreamError, UnavailableError, from_rpc_error
 from .types import GenerateChunk, ModelInfo, SessionInfo, StepResult
@@ -141,18 +142,26 @@ class Session:
         stop: Sequence[str] = (),
         timeout: float | None = None,
     ) -> AsyncIterator[GenerateChunk]:
-        """Sample up to max_tokens tokens, yielding them as they stream; leaving the loop early cancels the call."""
+        """Sample up to max_tokens tokens, yielding them as they stream.
+
+        Leaving the loop early cancels the call and makes the Session forget
+        its position, as in the synchronous Session.generate().
+        """
         request = generate_request(self.id, self.position, prompt, max_tokens, temperature, top_k, top_p, seed, stop)
         call = self.client._stub.Generate(request, timeout=self.client.timeout if timeout is None else timeout)
+        finished = False
         try:
             async for message in call:
                 chunk = GenerateChunk.from_proto(message)
                 self.position = chunk.position
+                finished = bool(chunk.finish_reason)
                 yield chunk
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         finally:
             call.cancel()
+            if not finished:
+                self.position = None  # tokens in flight at the cancel may have been kept
 
     def stream(self, *, timeout: float | None = None) -> "SessionStream":
         """Open a StreamSession call (no deadline unless `timeout` is given); use with `async with`."""
@@ -181,6 +190,7 @@ class SessionStream:
 
     def __init__(self, session: Session, timeout: float | None) -> None:
         self.session = session
+        self._error: RnnstreamError | None = None  # the error that ended the call
         self._call = session.client._stub.StreamSession(timeout=timeout)
 
     async def __aenter__(self) -> "SessionStream":
@@ -190,12 +200,15 @@ class SessionStream:
         await self.close()
 
     async def step(self, input: Input, *, top_k: int | None = None) -> StepResult:
+        if self._error is not None:
+            raise stream_closed_error(self._error)
         request = step_request(self.session.id, self.session.position, input, top_k)
         try:
             await self._call.write(request)
             reply = await self._call.read()
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
+            self._error = from_rpc_error(error)
+            raise self._error from error
         if reply is grpc.aio.EOF:
             raise RnnstreamError(grpc.StatusCode.UNKNOWN, "the server closed the stream without replying to a step")
         result = StepResult.from_proto(reply)

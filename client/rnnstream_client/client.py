@@ -209,19 +209,24 @@ class Session:
 
         Closing the iterator early cancels the call. The session keeps the
         tokens the server sent before the cancel reached it, which can include
-        tokens in flight that were never read; Session.info() has the position.
+        tokens in flight that were never read, so the Session forgets its
+        position: the next step does not check it, and info() reads it.
         """
         request = generate_request(self.id, self.position, prompt, max_tokens, temperature, top_k, top_p, seed, stop)
         call = self.client._stub.Generate(request, timeout=self.client.timeout if timeout is None else timeout)
+        finished = False
         try:
             for message in call:
                 chunk = GenerateChunk.from_proto(message)
                 self.position = chunk.position
+                finished = bool(chunk.finish_reason)
                 yield chunk
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         finally:
             call.cancel()
+            if not finished:
+                self.position = None
 
     def stream(self, *, timeout: float | None = None) -> "SessionStream":
         """Open a StreamSession call: each step() sends one input and waits for its reply, in order.
@@ -251,11 +256,18 @@ class Session:
 _END_OF_STREAM = object()
 
 
+def stream_closed_error(cause: RnnstreamError) -> RnnstreamError:
+    return RnnstreamError(
+        cause.code, f"this stream already ended with {cause.code.name}: {cause.details}; open a new one with session.stream()"
+    )
+
+
 class SessionStream:
     """A bidirectional StreamSession call on one session; use as a context manager."""
 
     def __init__(self, session: Session, timeout: float | None) -> None:
         self.session = session
+        self._error: RnnstreamError | None = None  # the error that ended the call
         self._requests: queue.Queue = queue.Queue()
         self._call = session.client._stub.StreamSession(iter(self._requests.get, _END_OF_STREAM), timeout=timeout)
 
@@ -266,11 +278,14 @@ class SessionStream:
         self.close()
 
     def step(self, input: Input, *, top_k: int | None = None) -> StepResult:
+        if self._error is not None:
+            raise stream_closed_error(self._error)
         self._requests.put(step_request(self.session.id, self.session.position, input, top_k))
         try:
             reply = next(self._call)
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
+            self._error = from_rpc_error(error)
+            raise self._error from error
         result = StepResult.from_proto(reply)
         self.session.position = result.position
         self.session.last = result

@@ -8,6 +8,7 @@ invalid value fails at start with the option's name.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -30,11 +31,32 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise ValueError(f"{value} is not a non-negative number")
-    return value
+def _float_in(low: float, high: float, low_open: bool = False):
+    """Parse a finite float within [low, high], or (low, high] with low_open."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        below = value <= low if low_open else value < low
+        if not math.isfinite(value) or below or value > high:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise ValueError(f"{value} is outside {interval}")
+        return value
+
+    return parse
+
+
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"{value} is outside [{low}, {high}]")
+        return value
+
+    return parse
+
+
+# TTLs travel as uint32 seconds in the API.
+MAX_TTL_SECONDS = 2**32 - 1
 
 
 def _port(text: str) -> int:
@@ -98,17 +120,17 @@ OPTIONS: dict[str, tuple] = {
         "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] for Sentinel "
         "(default: in-process store, single process, sessions lost on restart)",
     ),
-    "redis_timeout": (_non_negative_float, "timeout in seconds of each Redis operation (default 1.0)"),
+    "redis_timeout": (_float_in(0, 60, low_open=True), "timeout in seconds of each Redis operation (default 1.0)"),
     "device": (str, "auto, cpu, cuda or cuda:N (default auto: cuda:0 when CUDA is available)"),
     "log_level": (_choice(*LOG_LEVELS), "debug, info, warning or error (default info)"),
     "log_format": (_choice("text", "json"), "text, or json for log shippers (default text)"),
     "max_batch": (_positive_int, "maximum sessions per model step (default 64; 1 turns batching off)"),
-    "max_wait_ms": (_non_negative_float, "maximum milliseconds a step waits for batch-mates (default 2.0)"),
+    "max_wait_ms": (_float_in(0, 1000), "maximum milliseconds a step waits for batch-mates (default 2.0)"),
     "max_input_tokens": (_positive_int, "maximum tokens in one request's input (default 8192)"),
     "max_generate_tokens": (_positive_int, "maximum max_tokens of one Generate call (default 4096)"),
-    "default_ttl": (_positive_int, "idle TTL in seconds of sessions that set none (default 3600)"),
-    "max_ttl": (_positive_int, "largest idle TTL in seconds a session may ask for (default 604800)"),
-    "grace": (_non_negative_float, "seconds in-flight calls get to finish on SIGTERM (default 10)"),
+    "default_ttl": (_int_in(1, MAX_TTL_SECONDS), "idle TTL in seconds of sessions that set none (default 3600)"),
+    "max_ttl": (_int_in(1, MAX_TTL_SECONDS), "largest idle TTL in seconds a session may ask for (default 604800)"),
+    "grace": (_float_in(0, 3600), "seconds in-flight calls get to finish on SIGTERM (default 10)"),
     "metrics_port": (
         _metrics_port,
         "Prometheus metrics HTTP port on the --host address (default 0: metrics off; auto picks a free port)",

@@ -10,11 +10,17 @@ from rnnstream_client._proto.rnnstream.v1 import rnnstream_pb2_grpc as pb_grpc
 
 from ..engine.generation import GeneratedToken, generate, validate_params
 from ..engine.sessions import SessionManager, new_session_id
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, WrongModel
 from . import convert
 from .status import stream_errors, unary_errors
 
 logger = logging.getLogger(__name__)
+
+
+async def _prepend(first, rest):
+    yield first
+    async for item in rest:
+        yield item
 
 
 def _optional(message, field: str):
@@ -101,22 +107,32 @@ class RnnStreamServicer(pb_grpc.RnnStreamServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         manager = self.manager
         session_id = manager.check_session_id(request.session_id)
-        model = await manager.model_of(session_id)
-        params = validate_params(
-            manager,
-            model,
-            request.max_tokens,
-            _optional(request, "temperature"),
-            request.top_k,
-            _optional(request, "top_p"),
-            _optional(request, "seed"),
-            list(request.stop),
-        )
-        prompt = manager.encode_input(
-            model, list(request.prompt_token_ids), _optional(request, "prompt"), field="prompt", required=False
-        )
-        events = generate(manager, model, session_id, prompt, _optional(request, "expected_position"), params)
-        async for event in events:
+        for attempt in range(2):
+            model = await manager.model_of(session_id)
+            params = validate_params(
+                manager,
+                model,
+                request.max_tokens,
+                _optional(request, "temperature"),
+                request.top_k,
+                _optional(request, "top_p"),
+                _optional(request, "seed"),
+                list(request.stop),
+            )
+            prompt = manager.encode_input(
+                model, list(request.prompt_token_ids), _optional(request, "prompt"), field="prompt", required=False
+            )
+            events = generate(manager, model, session_id, prompt, _optional(request, "expected_position"), params)
+            try:
+                first = await anext(events)
+            except WrongModel as error:
+                # The routing cache was stale (the id was re-created for another model); nothing was applied.
+                if attempt == 1:
+                    raise
+                manager.reroute(session_id, error.model)
+                continue
+            break
+        async for event in _prepend(first, events):
             if isinstance(event, GeneratedToken):
                 yield pb.GenerateResponse(
                     token_ids=[event.token_id], text=event.text, logprobs=[event.logprob], position=event.position

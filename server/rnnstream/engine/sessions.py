@@ -174,6 +174,10 @@ class SessionManager:
             self._remember(session_id, name)
         return self.model(name)
 
+    def reroute(self, session_id: str, model_name: str) -> None:
+        """Route a session to model_name after a step found the cached route stale."""
+        self._remember(session_id, model_name)
+
     def forget(self, session_id: str) -> None:
         self._routes.pop(session_id, None)
 

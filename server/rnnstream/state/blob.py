@@ -11,17 +11,20 @@ Layout (all integers little-endian):
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
+import math
 import struct
 
 from ..errors import InvalidArgument
-from .codec import state_nbytes
+from .codec import DTYPE, state_nbytes
 from .record import SessionRecord
 
 MAGIC = b"RNSS"
 VERSION = 1
 DIGEST_SIZE = 16
+MAX_POSITION = 2**63 - 1  # positions are uint64 in the API and int64 in Redis's Lua numbers
 PREFIX = struct.Struct("<4sHI")
 
 
@@ -69,6 +72,12 @@ def import_blob(blob: bytes) -> dict:
         }
     except (ValueError, KeyError, TypeError) as error:
         raise InvalidArgument(f"state blob has an invalid header: {error}") from error
+    if not 0 <= fields["position"] <= MAX_POSITION:
+        raise InvalidArgument(f"state blob has position {fields['position']}; allowed 0 to {MAX_POSITION}")
+    if fields["dtype"] != DTYPE:
+        raise InvalidArgument(f"state blob has dtype {fields['dtype']!r}; expected {DTYPE!r}")
     if len(state) != state_nbytes(shape):
         raise InvalidArgument(f"state blob contains {len(state)} state bytes; its shape {shape} needs {state_nbytes(shape)}")
+    if not all(math.isfinite(value) for value in array.array("f", state)):
+        raise InvalidArgument("state blob contains a NaN or infinite state value")
     return fields

@@ -35,6 +35,8 @@ from .store import SessionStore
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "rnnstream:session:"
+HEALTH_KEY = "rnnstream:health"  # written by every health check
+HEALTH_KEY_TTL_MS = 10_000
 
 # ARGV: ttl seconds, then field/value pairs to write. A session that exists with the
 # same reply_tag is this very create re-sent after a timeout, so it reports success.
@@ -68,6 +70,7 @@ REDIS_ERRORS = (
     redis.exceptions.ClusterError,  # CLUSTERDOWN and retries exhausted while the cluster changes
     redis.exceptions.RedisClusterException,  # no startup node reachable, or a slot without a node
     redis.exceptions.OutOfMemoryError,  # used memory above maxmemory with the noeviction policy
+    redis.exceptions.ReadOnlyError,  # connected to a replica, for example after a failover
 )
 
 
@@ -215,8 +218,9 @@ class RedisStore(SessionStore):
             raise self._unavailable(error) from error
 
     def ping(self) -> None:
+        # A write, not PING: a replica answers PING but rejects every session write.
         try:
-            self.client.ping()
+            self.client.set(HEALTH_KEY, "1", px=HEALTH_KEY_TTL_MS)
         except REDIS_ERRORS as error:
             raise self._unavailable(error) from error
 

@@ -47,7 +47,7 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     def ping(self) -> None:
-        """Raise StoreUnavailable unless the backend replies."""
+        """Raise StoreUnavailable unless the backend accepts writes."""
 
     def load(self, session_id: str) -> SessionRecord | None:
         return self.load_many([session_id])[0]
