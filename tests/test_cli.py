@@ -104,3 +104,73 @@ def test_train_writes_loadable_bundle(tmp_path):
             assert client.create_session("fox-gru", prompt="the quick").position == 9
     finally:
         process.stop()
+
+
+def test_serve_reports_port_in_use(served, tiny_models_dir):
+    port = served.target.rsplit(":", 1)[1]
+    output = run_cli("serve", "--models-dir", str(tiny_models_dir), "--port", port)
+    assert output.returncode == 1
+    assert f"cannot start: could not listen on 127.0.0.1:{port}" in output.stdout + output.stderr
+    assert "Traceback" not in output.stdout + output.stderr
+
+
+def test_serve_reports_corrupt_weights(tmp_path, tiny_models_dir):
+    import shutil
+
+    shutil.copytree(tiny_models_dir / "tiny-gru", tmp_path / "tiny-gru")
+    (tmp_path / "tiny-gru" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage!")
+    output = run_cli("serve", "--models-dir", str(tmp_path), "--port", "0")
+    assert output.returncode == 1
+    assert "not a valid safetensors file" in output.stdout + output.stderr
+    assert "Traceback" not in output.stdout + output.stderr
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--steps", "0"], "invalid steps 0"),
+    (["--minutes", "0"], "invalid minutes 0.0"),
+    (["--seq-len", "0", "--steps", "2"], "invalid seq_len 0"),
+])
+def test_train_rejects_invalid_options(tmp_path, arguments, message):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a small corpus of text. " * 100)
+    output = run_cli("train", str(corpus), "--output", str(tmp_path / "out"), "--no-progress", *arguments)
+    assert output.returncode == 2
+    assert message in output.stderr
+    assert "Traceback" not in output.stderr
+
+
+def test_train_rejects_tiny_corpus(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("x" * 300)
+    output = run_cli("train", str(corpus), "--output", str(tmp_path / "out"), "--steps", "2", "--seq-len", "16")
+    assert output.returncode == 2
+    assert "held-out tokens" in output.stderr
+
+
+def test_client_commands_delete_their_sessions(served, redis_url):
+    import redis as redis_client
+
+    ok = run_cli("generate", "Hello", "--model", "tiny-gru", "--max-tokens", "5", "--target", served.target)
+    too_long = run_cli("generate", "Hello", "--model", "tiny-gru", "--max-tokens", "5000", "--target", served.target)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("Hello")
+    assert too_long.returncode == 1
+    assert "max_tokens 5000 is out of range" in too_long.stderr
+    assert too_long.stdout == ""
+    connection = redis_client.Redis.from_url(redis_url)
+    assert connection.keys("rnnstream:session:*") == []
+    connection.close()
+
+
+def test_chat_streams_each_line(served):
+    import subprocess
+    import sys
+
+    output = subprocess.run(
+        [sys.executable, "-m", "rnnstream.cli", "chat", "--model", "tiny-lstm", "--max-tokens", "8", "--seed", "3",
+         "--target", served.target],
+        input="first line\nsecond line\n", capture_output=True, text=True, timeout=60,
+    )
+    assert output.returncode == 0, output.stderr
+    assert output.stdout.startswith("session ")
+    assert len(output.stdout.splitlines()) >= 3

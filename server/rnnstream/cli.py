@@ -60,7 +60,11 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    record = train(options)
+    try:
+        record = train(options)
+    except (ValueError, OSError) as error:
+        print(f"rnnstream train: {error}", file=sys.stderr)
+        return 2
     print(
         f"wrote {args.output}: held-out {record['holdout_bits_per_char']:.3f} bits per character, "
         f"unigram {record['unigram_bits_per_char']:.3f}, {record['parameters']:,} parameters"

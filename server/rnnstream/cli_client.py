@@ -32,6 +32,16 @@ def _non_empty(text: str) -> str:
     return text
 
 
+def _delete_quietly(session) -> None:
+    """Delete a session the command opened; a failure here must not hide the command's own error."""
+    from rnnstream_client import RnnstreamError
+
+    try:
+        session.delete()
+    except RnnstreamError as error:
+        print(f"could not delete session {session.id}: {error}", file=sys.stderr)
+
+
 def _model_name(client, args: argparse.Namespace) -> str:
     return args.model or client.list_models()[0].name
 
@@ -55,12 +65,14 @@ def run_complete(args: argparse.Namespace) -> int:
         with Client(client_target(args), timeout=args.timeout) as client:
             model = _model_name(client, args)
             session = client.create_session(model)
-            chunk = args.chunk if args.chunk > 0 else len(args.text)
-            logprob_sum = 0.0
-            for start in range(0, len(args.text), chunk):
-                result = session.step(args.text[start : start + chunk], top_k=args.top_k)
-                logprob_sum += sum(result.input_logprobs)
-            session.delete()
+            try:
+                chunk = args.chunk if args.chunk > 0 else len(args.text)
+                logprob_sum = 0.0
+                for start in range(0, len(args.text), chunk):
+                    result = session.step(args.text[start : start + chunk], top_k=args.top_k)
+                    logprob_sum += sum(result.input_logprobs)
+            finally:
+                _delete_quietly(session)
     except RnnstreamError as error:
         print(f"rnnstream complete: {error}", file=sys.stderr)
         return 1
@@ -107,12 +119,13 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         with Client(client_target(args), timeout=args.timeout) as client:
             session = client.create_session(_model_name(client, args), prompt=args.prompt)
-            sys.stdout.write(args.prompt)
-            for chunk in session.generate(**_sampling(args)):
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            session.delete()
+            try:
+                for index, chunk in enumerate(session.generate(**_sampling(args))):
+                    sys.stdout.write((args.prompt if index == 0 else "") + chunk.text)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+            finally:
+                _delete_quietly(session)
     except RnnstreamError as error:
         print(f"\nrnnstream generate: {error}", file=sys.stderr)
         return 1
@@ -148,6 +161,7 @@ def run_chat(args: argparse.Namespace) -> int:
             else:
                 session = client.create_session(_model_name(client, args))
             print(f"session {session.id} (model {session.model or session.info().model}); end with Ctrl-D")
+            turn = 0
             while True:
                 if interactive:
                     sys.stdout.write("> ")
@@ -156,6 +170,9 @@ def run_chat(args: argparse.Namespace) -> int:
                 if not line:
                     break
                 text = line.rstrip("\n") + "\n"
+                if args.seed is not None:
+                    sampling["seed"] = args.seed + turn  # reproducible, but not the same draws every turn
+                turn += 1
                 for chunk in session.generate(prompt=text, **sampling):
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()

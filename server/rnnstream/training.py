@@ -27,6 +27,8 @@ from .models.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
 
+MIN_HOLDOUT_TOKENS = 64
+
 
 @dataclass
 class TrainOptions:
@@ -91,6 +93,7 @@ def evaluate_bits_per_char(
 ) -> float:
     """Score tokens as `streams` contiguous segments, carrying state across chunks as a session does."""
     model.eval()
+    streams = max(1, min(streams, tokens.numel() // 4))
     usable = tokens[: (tokens.numel() // streams) * streams]
     segments = usable.view(streams, -1)
     state = model.initial_state(streams)
@@ -127,12 +130,30 @@ def sample_text(model: RecurrentLM, tokenizer: ByteTokenizer, prompt: str, lengt
     return tokenizer.decode(ids + generated)
 
 
-def train(options: TrainOptions) -> dict:
-    """Train a model, write its bundle and model card to options.output; return the training record."""
-    if options.threads:
-        torch.set_num_threads(options.threads)
+def check_options(options: TrainOptions) -> None:
+    """Raise ValueError naming the first option outside its range."""
     if options.minutes is None and options.steps is None:
         raise ValueError("set a time budget (minutes) or a number of steps")
+    if options.steps is not None and options.steps < 1:
+        raise ValueError(f"invalid steps {options.steps}; must be at least 1")
+    if options.minutes is not None and not 0 < options.minutes < math.inf:
+        raise ValueError(f"invalid minutes {options.minutes}; must be a positive number")
+    for name, low in (("seq_len", 2), ("batch_size", 1), ("embedding_size", 1), ("hidden_size", 1), ("num_layers", 1)):
+        if getattr(options, name) < low:
+            raise ValueError(f"invalid {name} {getattr(options, name)}; must be at least {low}")
+    if not 0 < options.learning_rate < math.inf:
+        raise ValueError(f"invalid learning rate {options.learning_rate}; must be a positive number")
+    if not 0 <= options.dropout < 1:
+        raise ValueError(f"invalid dropout {options.dropout}; must be in [0, 1)")
+    if options.threads is not None and options.threads < 1:
+        raise ValueError(f"invalid threads {options.threads}; must be at least 1")
+
+
+def train(options: TrainOptions) -> dict:
+    """Train a model, write its bundle and model card to options.output; return the training record."""
+    check_options(options)
+    if options.threads:
+        torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     tokenizer = ByteTokenizer()
     texts = read_corpus(options.corpus)
@@ -143,6 +164,11 @@ def train(options: TrainOptions) -> dict:
         raise ValueError(
             f"corpus {options.corpus} has {train_ids.numel()} training tokens; "
             f"need more than seq_len {options.seq_len}"
+        )
+    if holdout_ids.numel() < MIN_HOLDOUT_TOKENS:
+        raise ValueError(
+            f"corpus {options.corpus} leaves {holdout_ids.numel()} held-out tokens at holdout fraction "
+            f"{options.holdout_fraction}; need at least {MIN_HOLDOUT_TOKENS} (use more text or a larger --holdout)"
         )
 
     config = ModelConfig(

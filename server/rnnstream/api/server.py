@@ -160,7 +160,10 @@ async def build_server(config: ServerConfig, observer: EngineObserver | None = N
         server,
     )
     address = listen_address(config.host, config.port)
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:  # grpcio reports a failed bind as RuntimeError
+        raise OSError(f"could not listen on {address}: {error}") from error
     if port == 0:
         raise OSError(f"could not listen on {address}")
     endpoint = MetricsEndpoint(registry, config.host, config.metrics_port) if config.metrics_port else None

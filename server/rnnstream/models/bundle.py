@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .network import ModelConfig, RecurrentLM
@@ -106,6 +107,8 @@ def load_bundle(directory: Path) -> Bundle:
         model.load_state_dict(load_file(str(weights_path)), strict=True)
     except RuntimeError as error:
         raise BundleError(f"{weights_path}: weights do not match config.json: {error}") from error
+    except SafetensorError as error:
+        raise BundleError(f"{weights_path}: not a valid safetensors file: {error}") from error
     model.eval()
     return Bundle(
         name=raw.get("name") or directory.name,
