@@ -114,3 +114,35 @@ def test_concurrent_mixed_lengths_match_offline(start_server, redis_url, tiny_mo
         expected_inputs, expected_next = reference_logprobs(bundle.model, tokens)
         assert_close(input_logprobs, expected_inputs, f"{len(tokens)} tokens input log-probs")
         assert_close([item.logprob for item in next_tokens], expected_next.topk(3).values.tolist(), "top-k")
+
+
+@pytest.mark.parametrize("architecture", ["lstm", "gru"])
+def test_long_inputs_run_in_chunks_exactly(start_server, redis_url, tiny_models_dir, architecture):
+    """Inputs longer than max_chunk_tokens run over several batches, interleaved with other steps."""
+    server = start_server(redis_url=redis_url, max_chunk_tokens=16, max_wait_ms=5.0)
+    model_name = f"tiny-{architecture}"
+    bundle = load_bundle(tiny_models_dir / model_name)
+    long_tokens = bundle.tokenizer.encode(TEXT * 3)
+    short_texts = [TEXT[index : index + 10] for index in range(0, 60, 10)]
+
+    def run_long():
+        with Client(server.target, timeout=60) as client:
+            session = client.create_session(model_name, prompt=long_tokens[:50], top_k=5)
+            result = session.step(long_tokens[50:], top_k=5)
+            return session.last.input_logprobs, result
+
+    def run_short(text):
+        with Client(server.target, timeout=60) as client:
+            return client.create_session(model_name).step(text, top_k=3)
+
+    with concurrent.futures.ThreadPoolExecutor(7) as pool:
+        long_future = pool.submit(run_long)
+        short_results = list(pool.map(run_short, short_texts))
+        prompt_logprobs, result = long_future.result()
+    expected_inputs, expected_next = reference_logprobs(bundle.model, long_tokens)
+    assert result.position == len(long_tokens)
+    assert_close(result.input_logprobs, expected_inputs[50:], "long input log-probs")
+    assert_close([item.logprob for item in result.next_tokens], expected_next.topk(5).values.tolist(), "top-k")
+    for text, short in zip(short_texts, short_results):
+        expected_short, _ = reference_logprobs(bundle.model, bundle.tokenizer.encode(text))
+        assert_close(short.input_logprobs, expected_short, f"short step {text!r}")

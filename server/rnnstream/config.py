@@ -101,6 +101,7 @@ class ServerConfig:
     max_wait_ms: float = 2.0
     max_input_tokens: int = 8192
     max_generate_tokens: int = 4096
+    max_chunk_tokens: int = 256
     default_ttl: int = 3600
     max_ttl: int = 7 * 24 * 3600
     grace: float = 10.0
@@ -128,6 +129,11 @@ OPTIONS: dict[str, tuple] = {
     "max_wait_ms": (_float_in(0, 1000), "maximum milliseconds a step waits for batch-mates (default 2.0)"),
     "max_input_tokens": (_positive_int, "maximum tokens in one request's input (default 8192)"),
     "max_generate_tokens": (_positive_int, "maximum max_tokens of one Generate call (default 4096)"),
+    "max_chunk_tokens": (
+        _positive_int,
+        "longest piece of one input run in a single model step; longer inputs take several steps, "
+        "so they do not stall other sessions (default 256)",
+    ),
     "default_ttl": (_int_in(1, MAX_TTL_SECONDS), "idle TTL in seconds of sessions that set none (default 3600)"),
     "max_ttl": (_int_in(1, MAX_TTL_SECONDS), "largest idle TTL in seconds a session may ask for (default 604800)"),
     "grace": (_float_in(0, 3600), "seconds in-flight calls get to finish on SIGTERM (default 10)"),

@@ -85,6 +85,7 @@ def load_models(config: ServerConfig, store: SessionStore, observer: EngineObser
             max_batch=config.max_batch,
             max_wait_s=config.max_wait_ms / 1000,
             observer=observer,
+            max_chunk_tokens=config.max_chunk_tokens,
         )
         models[bundle.name] = ServedModel(bundle, runner, scheduler)
     if not models:

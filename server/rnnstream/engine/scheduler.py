@@ -53,6 +53,12 @@ class StepWork:
     reply_tag: str = ""  # identifies the step in the stored record, so a re-sent step is never applied twice
     new_record: SessionRecord | None = None  # set when the step creates the session (a prompt)
     conflicts: int = 0
+    # Progress of an input longer than the scheduler's chunk, run over several batches:
+    # tokens[:offset] are done, from base_record's state, giving partial_state.
+    offset: int = 0
+    base_record: SessionRecord | None = None
+    partial_state: bytes | None = None
+    partial_logprobs: list[float] = field(default_factory=list)
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
@@ -88,6 +94,7 @@ class Scheduler:
         max_batch: int = 64,
         max_wait_s: float = 0.002,
         observer: EngineObserver | None = None,
+        max_chunk_tokens: int = 256,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"invalid max batch {max_batch}; must be at least 1")
@@ -96,6 +103,10 @@ class Scheduler:
         self.store = store
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        if max_chunk_tokens < 1:
+            raise ValueError(f"invalid max chunk tokens {max_chunk_tokens}; must be at least 1")
+        self.max_chunk_tokens = max_chunk_tokens
+        self._in_progress: list[StepWork] = []  # long inputs partway through; only the scheduler thread uses it
         self.observer = observer or EngineObserver()
         config = runner.bundle.config
         self._labels = (name, config.architecture, str(runner.device))
@@ -126,15 +137,18 @@ class Scheduler:
 
     def _take_batch(self) -> list[StepWork]:
         with self._cond:
-            while not self._pending and self._running:
+            while not self._pending and not self._in_progress and self._running:
                 self._cond.wait()
             if not self._running:
                 return []
             # Wait briefly for a batch as large as recent ones; a lone client's mean is ~1, so it never waits.
             target = min(self.max_batch, int(self._mean_batch + 0.5))
-            if self.max_wait_s > 0 and len(self._pending) < target:
+            if self.max_wait_s > 0 and not self._in_progress and len(self._pending) < target:
                 self._cond.wait_for(lambda: len(self._pending) >= target, timeout=self.max_wait_s)
-            batch, deferred, sessions = [], [], set()
+            # Inputs partway through go first and keep their sessions busy until they finish.
+            batch, self._in_progress = self._in_progress[: self.max_batch], self._in_progress[self.max_batch :]
+            deferred = []
+            sessions = {work.session_id for work in batch} | {work.session_id for work in self._in_progress}
             while self._pending and len(batch) < self.max_batch:
                 work = self._pending.popleft()
                 if work.session_id in sessions:
@@ -175,7 +189,7 @@ class Scheduler:
     def _execute(self, batch: list[StepWork]) -> None:
         started = time.monotonic()
         self.observer.queue_depth(*self._labels, len(self._pending))
-        loaded = [work for work in batch if work.new_record is None]
+        loaded = [work for work in batch if work.new_record is None and work.base_record is None]
         try:
             records = self.store.load_many([work.session_id for work in loaded]) if loaded else []
         except StoreUnavailable as error:
@@ -186,6 +200,9 @@ class Scheduler:
 
         runnable: list[tuple[StepWork, SessionRecord]] = []
         for work in batch:
+            if work.base_record is not None:
+                runnable.append((work, work.base_record))  # checked when its first chunk ran
+                continue
             record = work.new_record if work.new_record is not None else by_work[id(work)]
             try:
                 if self._check(work, record):
@@ -203,12 +220,25 @@ class Scheduler:
             return
         loaded_at = time.monotonic()
 
-        outputs = self.runner.step([work.tokens for work, _ in runnable], [record.state for _, record in runnable])
+        # Inputs longer than max_chunk_tokens run a chunk per batch, so one long prompt
+        # delays the other sessions' steps by one chunk's compute, not by its whole length.
+        first_waits = [started - work.enqueued_at for work, _ in runnable if work.offset == 0]
+        chunks = [work.tokens[work.offset : work.offset + self.max_chunk_tokens] for work, _ in runnable]
+        states = [work.partial_state or record.state for work, record in runnable]
+        outputs = self.runner.step(chunks, states)
         computed_at = time.monotonic()
 
         timestamp = now_ms()
         updates, created = [], []
-        for (work, record), output in zip(runnable, outputs):
+        for (work, record), chunk, output in zip(runnable, chunks, outputs):
+            work.offset += len(chunk)
+            if work.offset < len(work.tokens):
+                work.base_record, work.partial_state = record, output.state
+                work.partial_logprobs.extend(output.input_logprobs)
+                self._in_progress.append(work)
+                continue
+            if work.partial_logprobs:
+                output.input_logprobs = work.partial_logprobs + output.input_logprobs
             reply = encode_reply(output.input_logprobs, output.next_logprobs)
             new = record.advanced(len(work.tokens), output.state, timestamp, work.reply_tag, reply)
             (created if work.new_record is not None else updates).append((work, record, new, output))
@@ -226,17 +256,17 @@ class Scheduler:
             return
 
         stored_at = time.monotonic()
-        self.observer.batch_done(
+        self._report(
             BatchStats(
                 *self._labels,
                 size=len(runnable),
-                tokens=sum(len(work.tokens) for work, _ in runnable),
-                request_tokens=[len(work.tokens) for work, _ in runnable],
-                queue_wait_s=[started - work.enqueued_at for work, _ in runnable],
+                tokens=sum(len(chunk) for chunk in chunks),
+                request_tokens=[len(work.tokens) for work, *_ in updates + created],
+                queue_wait_s=first_waits,
                 load_s=loaded_at - started,
                 compute_s=computed_at - loaded_at,
                 store_s=stored_at - computed_at,
-                bytes_read=sum(len(record.state) for work, record in runnable if work.new_record is None),
+                bytes_read=sum(len(record.state) for work, record in runnable if id(work) in by_work),
                 bytes_written=sum(len(new.state) for _, _, new, _ in updates + created),
             )
         )
@@ -253,6 +283,13 @@ class Scheduler:
                 work.future.set_result(StepResult(new, output.input_logprobs, output.next_logprobs))
             else:
                 work.future.set_exception(_already_exists(work.session_id))
+
+    def _report(self, stats: BatchStats) -> None:
+        """Pass batch figures to the observer; a failing observer must not fail the steps."""
+        try:
+            self.observer.batch_done(stats)
+        except Exception:  # noqa: BLE001 - metrics are not worth a lost step
+            logger.exception("observer failed to record a batch of model %s", self.name)
 
     def _check(self, work: StepWork, record: SessionRecord | None) -> bool:
         """Validate a loaded session for work; return False when work was resolved without a model step."""
