@@ -161,11 +161,14 @@ def prefill(
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.RnnStreamStub(channel)
         for attempt in range(repeats + 1):
-            session = stub.CreateSession(pb.CreateSessionRequest(model=model, top_k=0), timeout=timeout_s)
-            started = time.perf_counter()
-            reply = stub.Step(pb.StepRequest(session_id=session.session_id, text=text), timeout=timeout_s)
-            elapsed = time.perf_counter() - started
-            stub.DeleteSession(pb.DeleteSessionRequest(session_id=session.session_id), timeout=timeout_s)
+            try:
+                session = stub.CreateSession(pb.CreateSessionRequest(model=model, top_k=0), timeout=timeout_s)
+                started = time.perf_counter()
+                reply = stub.Step(pb.StepRequest(session_id=session.session_id, text=text), timeout=timeout_s)
+                elapsed = time.perf_counter() - started
+                stub.DeleteSession(pb.DeleteSessionRequest(session_id=session.session_id), timeout=timeout_s)
+            except grpc.RpcError as error:
+                raise RuntimeError(f"prefill on {target} failed: {error.code().name}: {error.details()}") from error
             if reply.position != chars:
                 raise RuntimeError(f"prefill step ended at position {reply.position}, expected {chars}")
             if attempt:
