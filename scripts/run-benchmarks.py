@@ -312,7 +312,8 @@ def ratios(results: dict) -> list[dict]:
             server = single["latency_ms"]["p50"]
             checks.append({"model": model, "check": "1-session p50 minus (step + 2 Redis + transport), ms",
                            "value": server - expected, "target": "<= 1 ms", "met": server - expected <= 1.0,
-                           "parts_ms": parts, "sum_ms": expected, "server_p50_ms": server})
+                           "parts_ms": parts, "sum_ms": expected, "server_p50_ms": server,
+                           "server_means_ms": single.get("server")})
         single_thread = find(rows, "server, 1 torch thread", model, largest)
         if single_thread and transport:
             value = single_thread["tokens_per_s"] / transport["tokens_per_s"]
@@ -361,14 +362,19 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {check['model']} | {check['check']} | {cell(check['value'])} | {check['target']} | {cell(check['met'])} |"
         )
-    lines += ["", "| model | model step p50 ms | 2 x Redis HGETALL p50 ms | transport p50 ms | sum ms | server p50 ms |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| model | model step p50 ms | 2 x Redis HGETALL p50 ms | transport p50 ms | sum ms | server p50 ms "
+              "| server's mean queue wait / load / step / save ms |",
+              "|---|---:|---:|---:|---:|---:|---|"]
     for check in results["checks"]:
         if "parts_ms" in check:
             parts = list(check["parts_ms"].values())
+            means = check.get("server_means_ms") or {}
+            phases = " / ".join(
+                cell(means.get(key)) for key in ("mean_queue_wait_ms", "mean_load_ms", "mean_step_ms", "mean_save_ms")
+            )
             lines.append(
                 f"| {check['model']} | {cell(parts[0])} | {cell(parts[1])} | {cell(parts[2])} "
-                f"| {cell(check['sum_ms'])} | {cell(check['server_p50_ms'])} |"
+                f"| {cell(check['sum_ms'])} | {cell(check['server_p50_ms'])} | {phases} |"
             )
     lines += ["", "| model | row | prefill tokens | server ms | raw forward ms | server tokens/s | raw tokens/s |",
               "|---|---|---:|---:|---:|---:|---:|"]
