@@ -49,9 +49,12 @@ def test_sigterm_stops_cleanly(served):
 
 
 def test_serve_without_redis_warns(tiny_models_dir):
-    process = ServeProcess("--models-dir", str(tiny_models_dir), env={"RNNSTREAM_REDIS_URL": ""})
+    process = ServeProcess(
+        "--models-dir", str(tiny_models_dir), env={"RNNSTREAM_REDIS_URL": "", "RNNSTREAM_TORCH_THREADS": "1"}
+    )
     try:
         assert "sessions live in this process only and are lost on restart" in process.log
+        assert "torch CPU threads: 1" in process.log
     finally:
         process.stop()
 

@@ -63,3 +63,10 @@ def test_invalid_device_is_rejected():
 def test_out_of_range_values_are_rejected(argv, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         parse(argv, {})
+
+
+def test_torch_threads_setting():
+    assert parse([], {}).torch_threads == 0
+    assert parse(["--torch-threads", "1"], {}).torch_threads == 1
+    with pytest.raises(ValueError, match="invalid value '-1' for --torch-threads"):
+        parse(["--torch-threads", "-1"], {})

@@ -102,6 +102,7 @@ class ServerConfig:
     max_input_tokens: int = 8192
     max_generate_tokens: int = 4096
     max_chunk_tokens: int = 256
+    torch_threads: int = 0
     default_ttl: int = 3600
     max_ttl: int = 7 * 24 * 3600
     grace: float = 10.0
@@ -129,6 +130,11 @@ OPTIONS: dict[str, tuple] = {
     "max_wait_ms": (_float_in(0, 1000), "maximum milliseconds a step waits for batch-mates (default 2.0)"),
     "max_input_tokens": (_positive_int, "maximum tokens in one request's input (default 8192)"),
     "max_generate_tokens": (_positive_int, "maximum max_tokens of one Generate call (default 4096)"),
+    "torch_threads": (
+        _int_in(0, 1024),
+        "torch CPU threads for model steps (default 0: torch's default, one per core); on small "
+        "machines 1 can be faster under load, see docs/benchmarks.md",
+    ),
     "max_chunk_tokens": (
         _positive_int,
         "longest piece of one input run in a single model step; longer inputs take several steps, "

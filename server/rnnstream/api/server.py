@@ -9,6 +9,7 @@ import signal
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
@@ -72,6 +73,8 @@ def open_store(config: ServerConfig) -> SessionStore:
 
 def load_models(config: ServerConfig, store: SessionStore, observer: EngineObserver) -> dict[str, ServedModel]:
     device = resolve_device(config.device)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     models: dict[str, ServedModel] = {}
     for path in find_bundles(config.models_dir):
         bundle = load_bundle(path)
@@ -191,7 +194,7 @@ async def serve(config: ServerConfig, worker: int | None = None) -> None:
             model.bundle.config.hidden_size, model.bundle.model.num_parameters(), model.runner.state_nbytes,
             model.runner.device,
         )
-    logger.info("session store: %s", app.store.description)
+    logger.info("session store: %s; torch CPU threads: %d", app.store.description, torch.get_num_threads())
     if isinstance(app.store, MemoryStore):
         logger.warning("no --redis-url set: sessions live in this process only and are lost on restart")
     logger.info(
