@@ -64,9 +64,10 @@ def two_workers(tiny_models_dir, redis_url):
     process = ServeProcess(
         "--models-dir", str(tiny_models_dir), "--redis-url", redis_url, "--workers", "2",
         "--metrics-port", str(metrics_port),
+        timeout=180,  # two processes each import torch and load models; slow on a loaded 2-core machine
     )
     process.metrics_port = metrics_port
-    process.workers = worker_pids(process, 2)
+    process.workers = worker_pids(process, 2, timeout=180)
     yield process
     process.stop()
     for pid in process.workers.values():

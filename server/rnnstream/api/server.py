@@ -100,27 +100,31 @@ def listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _watch_store(app: App) -> None:
+async def _check_store(app: App, serving: bool | None) -> bool:
+    """Check the store once and set the health status when it changes; return whether it is healthy."""
+    try:
+        await asyncio.to_thread(app.store.ping)
+        healthy = True
+    except StoreUnavailable as error:
+        healthy = False
+        if serving is not False:
+            logger.error("session store unavailable, reporting NOT_SERVING: %s", error)
+    if healthy and serving is False:
+        logger.info("session store reachable again, reporting SERVING")
+    if healthy != serving:
+        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        await app.health.set("", status)
+        await app.health.set(SERVICE_NAME, status)
+        if app.metrics is not None:
+            app.metrics.store_available(healthy)
+    return healthy
+
+
+async def _watch_store(app: App, serving: bool) -> None:
     """Report NOT_SERVING while the store does not answer, SERVING once it does."""
-    serving = None
     while True:
-        try:
-            await asyncio.to_thread(app.store.ping)
-            healthy = True
-        except StoreUnavailable as error:
-            healthy = False
-            if serving is not False:
-                logger.error("session store unavailable, reporting NOT_SERVING: %s", error)
-        if healthy and serving is False:
-            logger.info("session store reachable again, reporting SERVING")
-        if healthy != serving:
-            status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
-            await app.health.set("", status)
-            await app.health.set(SERVICE_NAME, status)
-            if app.metrics is not None:
-                app.metrics.store_available(healthy)
-            serving = healthy
         await asyncio.sleep(HEALTH_INTERVAL_S)
+        serving = await _check_store(app, serving)
 
 
 async def build_server(config: ServerConfig, observer: EngineObserver | None = None) -> App:
@@ -177,7 +181,8 @@ async def build_server(config: ServerConfig, observer: EngineObserver | None = N
         server=server, port=port, manager=manager, store=store, health=health_servicer, config=config,
         registry=registry, metrics=metrics, metrics_port=endpoint.port if endpoint else 0, _metrics_endpoint=endpoint,
     )
-    app._monitor = asyncio.create_task(_watch_store(app))
+    # The first check runs before the server is returned, so health is never unset once callers see it.
+    app._monitor = asyncio.create_task(_watch_store(app, await _check_store(app, None)))
     return app
 
 
