@@ -51,3 +51,24 @@ def test_async_many_sessions_concurrently(server):
             return [session.position for session in sessions]
 
     assert asyncio.run(run()) == [10] * 32
+
+
+def test_async_generate_break_cancels_at_once(server):
+    async def run():
+        async with aio.Client(server.target) as client:
+            session = await client.create_session("tiny-gru", prompt="Hello")
+            count = 0
+            async for _ in session.generate(max_tokens=400, seed=3):
+                count += 1
+                if count == 3:
+                    break
+            position_after_break = session.position
+            result = await session.step(" again")
+            await asyncio.sleep(0.3)
+            info = await session.info()
+            return position_after_break, result, info
+
+    position_after_break, result, info = asyncio.run(run())
+    assert position_after_break is None
+    assert info.position == result.position
+    assert result.position < 5 + 400 + 6, "generation went on after the break"

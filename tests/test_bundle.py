@@ -97,3 +97,12 @@ def test_copy_of_bundle_keeps_fingerprint(tmp_path):
     fingerprint = save_bundle(tmp_path / "m", "m", build_tiny_model("lstm", seed=4), ByteTokenizer())
     shutil.copytree(tmp_path / "m", tmp_path / "copy")
     assert load_bundle(tmp_path / "copy").fingerprint == fingerprint
+
+
+def test_non_finite_weights_are_rejected(tmp_path):
+    model = build_tiny_model("gru", seed=1)
+    with torch.no_grad():
+        model.embedding.weight[11, 0] = float("nan")
+    save_bundle(tmp_path / "m", "m", model, ByteTokenizer())
+    with pytest.raises(BundleError, match="tensor embedding.weight contains NaN or infinite values"):
+        load_bundle(tmp_path / "m")

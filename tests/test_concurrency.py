@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import random
+import threading
+import time
 
 import pytest
 from rnnstream_client import Client
@@ -141,3 +143,26 @@ def test_bad_session_fails_alone_in_batch(start_server, redis_url):
     assert isinstance(results[3], FailedPreconditionError)
     assert "10 bytes" in results[3].details
     assert results[:3] + results[4:] == [4] * 7
+
+
+def test_long_input_does_not_starve_unbatched_server(start_server, redis_url):
+    """With max batch 1, a long input runs in chunks that alternate with other sessions' steps."""
+    server = start_server(redis_url=redis_url, max_batch=1, max_chunk_tokens=4)
+    finished: list[str] = []
+
+    def long_step():
+        with Client(server.target, timeout=120) as client:
+            client.create_session("tiny-lstm").step("x" * 8000, top_k=0)
+            finished.append("long")
+
+    with Client(server.target) as client:
+        short = client.create_session("tiny-gru")
+        thread = threading.Thread(target=long_step)
+        thread.start()
+        time.sleep(0.3)
+        assert not finished, "the long step ended before the short ones started; make it longer"
+        for _ in range(3):
+            short.step("ab", top_k=0)
+        finished.append("short")
+        thread.join(120)
+    assert finished == ["short", "long"]

@@ -114,6 +114,10 @@ def reforge(blob: bytes, **header_changes) -> bytes:
     ({"position": -5}, "position -5"),
     ({"position": 2**64}, "position 18446744073709551616"),
     ({"dtype": "float16"}, "dtype 'float16'"),
+    ({"position": float("inf")}, "field 'position' is inf, not of type int"),
+    ({"position": 1.7}, "field 'position' is 1.7"),
+    ({"position": True}, "field 'position' is True"),
+    ({"position": "7"}, "field 'position' is '7'"),
     ({"state": b"\xff\xff\xff\x7f" * 96}, "NaN or infinite"),  # tiny-gru: 1 x 2 x 48 floats
 ])
 def test_forged_blob_is_rejected(server, changes, phrase):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import grpc
 
@@ -130,7 +130,7 @@ class Session:
     async def delete(self, *, timeout: float | None = None) -> None:
         await self.client._call("DeleteSession", pb.DeleteSessionRequest(session_id=self.id), timeout)
 
-    async def generate(
+    def generate(
         self,
         prompt: Input | None = None,
         *,
@@ -141,27 +141,15 @@ class Session:
         seed: int | None = None,
         stop: Sequence[str] = (),
         timeout: float | None = None,
-    ) -> AsyncIterator[GenerateChunk]:
-        """Sample up to max_tokens tokens, yielding them as they stream.
+    ) -> "GenerateStream":
+        """Sample up to max_tokens tokens; iterate the result with `async for` as they stream.
 
-        Leaving the loop early cancels the call and makes the Session forget
-        its position, as in the synchronous Session.generate().
+        Leaving the loop early (break) cancels the call at once and makes the
+        Session forget its position, as in the synchronous Session.generate().
         """
         request = generate_request(self.id, self.position, prompt, max_tokens, temperature, top_k, top_p, seed, stop)
         call = self.client._stub.Generate(request, timeout=self.client.timeout if timeout is None else timeout)
-        finished = False
-        try:
-            async for message in call:
-                chunk = GenerateChunk.from_proto(message)
-                self.position = chunk.position
-                finished = bool(chunk.finish_reason)
-                yield chunk
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
-        finally:
-            call.cancel()
-            if not finished:
-                self.position = None  # tokens in flight at the cancel may have been kept
+        return GenerateStream(self, call)
 
     def stream(self, *, timeout: float | None = None) -> "SessionStream":
         """Open a StreamSession call (no deadline unless `timeout` is given); use with `async with`."""
@@ -183,6 +171,60 @@ class Session:
     async def export_state(self, *, timeout: float | None = None) -> bytes:
         reply = await self.client._call("ExportState", pb.ExportStateRequest(session_id=self.id), timeout)
         return reply.blob
+
+
+class GenerateStream:
+    """The chunks of one Generate call, as an async iterator.
+
+    A class rather than an async generator: CPython finalizes it as soon as a
+    loop that breaks drops it, so the call is cancelled right away instead of
+    whenever the event loop gets to closing an abandoned async generator.
+    """
+
+    def __init__(self, session: Session, call) -> None:
+        self.session = session
+        self._call = call
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> "GenerateStream":
+        return self
+
+    async def __anext__(self) -> GenerateChunk:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            message = await self._call.read()
+        except grpc.RpcError as error:
+            self._close()
+            raise from_rpc_error(error) from error
+        if message is grpc.aio.EOF:
+            self._close()
+            raise StopAsyncIteration
+        chunk = GenerateChunk.from_proto(message)
+        self.session.position = chunk.position
+        self._finished = self._finished or bool(chunk.finish_reason)
+        return chunk
+
+    async def aclose(self) -> None:
+        self._close()
+
+    async def __aenter__(self) -> "GenerateStream":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._call.cancel()
+        if not self._finished:
+            self.session.position = None  # tokens in flight at the cancel may have been kept
+
+    def __del__(self) -> None:
+        self._close()
 
 
 class SessionStream:

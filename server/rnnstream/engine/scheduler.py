@@ -107,6 +107,7 @@ class Scheduler:
             raise ValueError(f"invalid max chunk tokens {max_chunk_tokens}; must be at least 1")
         self.max_chunk_tokens = max_chunk_tokens
         self._in_progress: list[StepWork] = []  # long inputs partway through; only the scheduler thread uses it
+        self._long_turn = True  # with max_batch 1, whether the next batch goes to an input partway through
         self.observer = observer or EngineObserver()
         config = runner.bundle.config
         self._labels = (name, config.architecture, str(runner.device))
@@ -145,8 +146,15 @@ class Scheduler:
             target = min(self.max_batch, int(self._mean_batch + 0.5))
             if self.max_wait_s > 0 and not self._in_progress and len(self._pending) < target:
                 self._cond.wait_for(lambda: len(self._pending) >= target, timeout=self.max_wait_s)
-            # Inputs partway through go first and keep their sessions busy until they finish.
-            batch, self._in_progress = self._in_progress[: self.max_batch], self._in_progress[self.max_batch :]
+            # Inputs partway through keep their sessions busy until they finish. While other
+            # steps wait they get at most half the batch (every other batch when max_batch is 1),
+            # so long inputs never starve the rest.
+            slots = self.max_batch
+            if self._pending:
+                slots = self.max_batch // 2
+                if slots == 0:
+                    slots, self._long_turn = int(self._long_turn), not self._long_turn
+            batch, self._in_progress = self._in_progress[:slots], self._in_progress[slots:]
             deferred = []
             sessions = {work.session_id for work in batch} | {work.session_id for work in self._in_progress}
             while self._pending and len(batch) < self.max_batch:

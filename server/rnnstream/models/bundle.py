@@ -104,7 +104,11 @@ def load_bundle(directory: Path) -> Bundle:
         raise BundleError(f"{directory}: missing {WEIGHTS_FILE}")
     model = RecurrentLM(config)
     try:
-        model.load_state_dict(load_file(str(weights_path)), strict=True)
+        tensors = load_file(str(weights_path))
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise BundleError(f"{weights_path}: tensor {name} contains NaN or infinite values; the file is corrupt")
+        model.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
         raise BundleError(f"{weights_path}: weights do not match config.json: {error}") from error
     except SafetensorError as error:

@@ -45,6 +45,14 @@ def export_blob(record: SessionRecord) -> bytes:
     return body + hashlib.blake2b(body, digest_size=DIGEST_SIZE).digest()
 
 
+def _field(header: dict, name: str, kind: type):
+    """Return header[name] if it has exactly the JSON type kind (no bool for int, no float for int)."""
+    value = header[name]
+    if type(value) is not kind:
+        raise TypeError(f"field {name!r} is {value!r}, not of type {kind.__name__}")
+    return value
+
+
 def import_blob(blob: bytes) -> dict:
     """Check and unpack a blob; return its header fields plus "state". Raise InvalidArgument if it is damaged."""
     if len(blob) < PREFIX.size + DIGEST_SIZE:
@@ -59,19 +67,18 @@ def import_blob(blob: bytes) -> dict:
         raise InvalidArgument("state blob is corrupted: its checksum does not match")
     try:
         header = json.loads(body[PREFIX.size : PREFIX.size + header_size])
-        shape = tuple(int(size) for size in header["shape"])
-        state = body[PREFIX.size + header_size :]
         fields = {
-            "model": str(header["model"]),
-            "fingerprint": str(header["fingerprint"]),
-            "position": int(header["position"]),
-            "dtype": str(header["dtype"]),
-            "shape": shape,
-            "ttl_s": int(header["ttl_s"]),
-            "state": state,
+            "model": _field(header, "model", str),
+            "fingerprint": _field(header, "fingerprint", str),
+            "position": _field(header, "position", int),
+            "dtype": _field(header, "dtype", str),
+            "shape": tuple(_field({"size": size}, "size", int) for size in _field(header, "shape", list)),
+            "ttl_s": _field(header, "ttl_s", int),
+            "state": body[PREFIX.size + header_size :],
         }
     except (ValueError, KeyError, TypeError) as error:
         raise InvalidArgument(f"state blob has an invalid header: {error}") from error
+    shape, state = fields["shape"], fields["state"]
     if not 0 <= fields["position"] <= MAX_POSITION:
         raise InvalidArgument(f"state blob has position {fields['position']}; allowed 0 to {MAX_POSITION}")
     if fields["dtype"] != DTYPE:
