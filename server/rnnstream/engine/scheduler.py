@@ -1,11 +1,15 @@
 """Per-model step scheduler: gathers steps of different sessions into one forward pass.
 
-One thread per model repeats: take up to max_batch queued steps (at most one
-per session, so steps of one session apply in arrival order), load their
-states in one pipelined store round trip, run one batched model step, write
-the new states back in one round trip with a compare-and-set on each
-session's position, and resolve each step's future. A step whose write loses
-a race with another replica is queued again from the newly stored state.
+One thread per model repeats these steps:
+1. Take up to max_batch queued steps, at most one per session, so the steps of
+   one session apply in arrival order.
+2. Load their states in one pipelined store round trip.
+3. Run one batched model step. An input longer than max_chunk_tokens runs one
+   chunk per batch, keeping its partial state here until its last chunk.
+4. Write the new states back in one round trip, with a compare-and-set on each
+   session's position, and resolve each step's future.
+A step whose write loses a race with another replica is queued again and runs
+from the newly stored state.
 """
 
 from __future__ import annotations
@@ -257,7 +261,7 @@ class Scheduler:
         except StoreUnavailable as error:
             # NOTE: a write that timed out may still have been applied. A client retry that
             # carries expected_position is recognised by the stored tag and not applied twice;
-            # a retry without one cannot be told apart from a new step.
+            # a retry without one looks like a new step.
             for work, _, _, _ in updates + created:
                 if not work.future.done():
                     work.future.set_exception(error)
