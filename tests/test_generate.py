@@ -90,7 +90,7 @@ def test_greedy_stops_after_stop_string(server):
 
 
 def test_cancel_stops_at_sent_tokens(server):
-    """After a cancel the session holds a prefix of the generation: what was received plus what was in flight."""
+    """After a cancel the session contains a prefix of the generation: what was received plus what was in flight."""
     with Client(server.target) as client:
         session = client.create_session("tiny-lstm", prompt=PROMPT)
         received = []

@@ -16,6 +16,7 @@ from .client import (
     Input,
     create_session_request,
     generate_request,
+    open_channel,
     step_request,
     stream_closed_error,
 )
@@ -36,10 +37,7 @@ class Client:
     ) -> None:
         self.target = target
         self.timeout = timeout
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=list(options))
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=list(options))
+        self._channel = open_channel(grpc.aio, target, credentials, options)
         self._stub = pb_grpc.RnnStreamStub(self._channel)
 
     async def __aenter__(self) -> "Client":

@@ -44,6 +44,13 @@ def generate_request(
     )
 
 
+def open_channel(module, target: str, credentials: grpc.ChannelCredentials | None, options: Sequence):
+    """Open a channel with `module` (grpc or grpc.aio): TLS when credentials are given, else plaintext."""
+    if credentials is None:
+        return module.insecure_channel(target, options=list(options))
+    return module.secure_channel(target, credentials, options=list(options))
+
+
 def create_session_request(
     model: str, session_id: str | None, ttl_seconds: int, prompt: "Input | None", top_k: int | None
 ) -> pb.CreateSessionRequest:
@@ -93,10 +100,7 @@ class Client:
     ) -> None:
         self.target = target
         self.timeout = timeout
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=list(options))
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=list(options))
+        self._channel = open_channel(grpc, target, credentials, options)
         self._stub = pb_grpc.RnnStreamStub(self._channel)
 
     def __enter__(self) -> "Client":
@@ -209,7 +213,7 @@ class Session:
 
         Closing the iterator early cancels the call. The session keeps the
         tokens the server sent before the cancel reached it, which can include
-        tokens in flight that were never read, so the Session forgets its
+        tokens in flight that were never read, so the Session clears its
         position: the next step does not check it, and info() reads it.
         """
         request = generate_request(self.id, self.position, prompt, max_tokens, temperature, top_k, top_p, seed, stop)

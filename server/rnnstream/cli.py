@@ -40,6 +40,9 @@ def add_train_parser(commands) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from .training import TrainOptions, train
 
+    minutes = args.minutes
+    if args.steps is None and minutes is None:
+        minutes = 10.0  # the default budget when neither --steps nor --minutes is given
     options = TrainOptions(
         corpus=args.corpus,
         output=args.output,
@@ -52,7 +55,7 @@ def run_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         learning_rate=args.lr,
-        minutes=args.minutes if args.steps is None and args.minutes is not None else (None if args.steps else 10.0),
+        minutes=minutes,
         steps=args.steps,
         holdout_fraction=args.holdout,
         bf16=args.bf16,

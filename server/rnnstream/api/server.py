@@ -121,7 +121,7 @@ async def _check_store(app: App, serving: bool | None) -> bool:
 
 
 async def _watch_store(app: App, serving: bool) -> None:
-    """Report NOT_SERVING while the store does not answer, SERVING once it does."""
+    """Report NOT_SERVING while the store fails its check, SERVING once it passes again."""
     while True:
         await asyncio.sleep(HEALTH_INTERVAL_S)
         serving = await _check_store(app, serving)

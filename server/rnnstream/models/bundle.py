@@ -1,6 +1,6 @@
 """Model bundles: a directory with config.json, model.safetensors and tokenizer.json.
 
-config.json holds the architecture and sizes (ModelConfig), the tokenizer file
+config.json contains the architecture and sizes (ModelConfig), the tokenizer file
 name and the training metadata. Weights are safetensors, so loading a bundle
 never unpickles anything. README.md beside them is the model card.
 """

@@ -62,9 +62,11 @@ def import_blob(blob: bytes) -> dict:
         raise InvalidArgument("state blob is not an rnnstream export (wrong magic bytes)")
     if version != VERSION:
         raise InvalidArgument(f"state blob has format version {version}; this server reads version {VERSION}")
+
     body, digest = blob[:-DIGEST_SIZE], blob[-DIGEST_SIZE:]
     if hashlib.blake2b(body, digest_size=DIGEST_SIZE).digest() != digest:
         raise InvalidArgument("state blob is corrupted: its checksum does not match")
+
     try:
         header = json.loads(body[PREFIX.size : PREFIX.size + header_size])
         fields = {
@@ -79,6 +81,7 @@ def import_blob(blob: bytes) -> dict:
     except (ValueError, KeyError, TypeError) as error:
         raise InvalidArgument(f"state blob has an invalid header: {error}") from error
     shape, state = fields["shape"], fields["state"]
+
     if not 0 <= fields["position"] <= MAX_POSITION:
         raise InvalidArgument(f"state blob has position {fields['position']}; allowed 0 to {MAX_POSITION}")
     if fields["dtype"] != DTYPE:

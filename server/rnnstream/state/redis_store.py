@@ -218,7 +218,7 @@ class RedisStore(SessionStore):
             raise self._unavailable(error) from error
 
     def ping(self) -> None:
-        # A write, not PING: a replica answers PING but rejects every session write.
+        # A write, not PING: a replica replies to PING but rejects every session write.
         try:
             self.client.set(HEALTH_KEY, "1", px=HEALTH_KEY_TTL_MS)
         except REDIS_ERRORS as error:
